@@ -1,0 +1,1 @@
+"""Quantizer plugins, one file per method; imported lazily as ``dfq_bench.methods.<name>``."""

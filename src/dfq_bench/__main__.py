@@ -1,0 +1,3 @@
+from dfq_bench.cli import main
+
+main()

@@ -1,0 +1,16 @@
+"""Where every registered name lives. Importing this module fills the registries; methods and
+heavy model factories are imported lazily, on first use."""
+
+from dfq_bench import (  # noqa: F401  (register datasets and generators)
+    data,
+    models,  # noqa: F401  (registers the model zoo)
+    synth,
+)
+from dfq_bench.registry import METHODS
+
+METHOD_MODULES = {
+    "dummy": "dfq_bench.methods.dummy:Dummy",
+    "rtn": "dfq_bench.methods.rtn:RTN",
+}
+for _name, _target in METHOD_MODULES.items():
+    METHODS.register_lazy(_name, _target)

@@ -1,0 +1,84 @@
+"""Command line: ``python -m dfq_bench [group=option ...] [key=value ...]`` (Hydra overrides).
+
+Before Hydra composes anything, group choices are checked against conf/ and the registries so that
+a typo gives one line ("unknown method 'squnat'; did you mean 'squant'? available: ...") and exit
+code 2. A method that a third-party package registers through the ``dfq_bench.methods`` entry
+point but that has no YAML in conf/method/ is selected with ``method=<name>`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, register_configs, validate_config
+from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
+from dfq_bench.results import ResultsDirError, check_writable
+
+log = logging.getLogger("dfq_bench")
+EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_group_overrides(argv: list[str]) -> list[str]:
+    """Returns argv with plugin methods rewritten; raises UnknownNameError on unknown options."""
+    from dfq_bench import catalog  # noqa: F401
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and key in GROUPS and "," not in value and not value.startswith(("choice(", "range(")):
+            options = group_options(key)
+            if value not in options:
+                if key == "method" and value in METHODS:
+                    out += ["method=_plugin", f"method.name={value}"]
+                    continue
+                extra = METHODS.names() if key == "method" else []
+                raise UnknownNameError(unknown_name_message(key, value, sorted(set(options + extra))))
+        out.append(arg)
+    return out
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def task(cfg: DictConfig):
+    from dfq_bench.runner import run, summary
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        validate_config(cfg)
+        check_writable(cfg.results_dir)
+    except (ConfigError, UnknownNameError, ResultsDirError) as e:
+        if multirun:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    try:
+        row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except Exception as e:
+        if multirun:
+            raise
+        print(f"error: run failed ({type(e).__name__}: {e}); a failed row was written", file=sys.stderr)
+        sys.exit(EXIT_RUN_FAILED)
+    print(summary(row))
+    print(f"  row appended to {cfg.results_dir}/runs.jsonl")
+    return row["top1"]
+
+
+def main() -> None:
+    try:
+        sys.argv[1:] = check_group_overrides(sys.argv[1:])
+    except UnknownNameError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    task()

@@ -1,0 +1,145 @@
+"""Hydra structured-config schemas and the checks that run before any model is built.
+
+The root schema types every group except ``method`` and ``data``: those two are open dicts whose
+keys are checked against the plugin's own ``Config`` dataclass (``validate_config``), so that a
+method can carry its own options without editing this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+GROUPS = ("model", "dataset", "method", "protocol", "data")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class Granularity(str, Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # registry key; with source=timm, the timm architecture name
+    source: str = "zoo"  # zoo | timm
+    weights: str | None = None  # library pretrained tag, or a local state-dict path
+    sha256: str | None = None  # expected sha256 of a local weights file
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str | None = None
+    limit: int | None = None  # evaluate on the first `limit` images only (recorded in the row)
+    batch_size: int = 256
+    num_workers: int = 0
+    num_samples: int = 512  # synthetic `fake` dataset only
+    calib_seed: int = 0  # seed of the train-split subset used by the `real` calibration control
+
+
+@dataclass
+class ProtocolConfig:
+    """Every quantization choice that moves accuracy and that papers make differently."""
+
+    name: str = "common"
+    w_granularity: Granularity = Granularity.per_channel
+    w_symmetric: bool = False
+    a_granularity: Granularity = Granularity.per_tensor
+    a_symmetric: bool = False
+    fold_bn: bool = True
+    quantize_first_input: bool = False  # quantize the network input (first layer's input)?
+    first_wbits: int | None = 8  # null = wbits
+    last_wbits: int | None = 8  # null = wbits
+    last_abits: int | None = 8  # null = abits
+    act_range: str | None = None  # null = the method's own rule
+    percentile: float = 99.99  # for act_range=percentile
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    method: Any = MISSING
+    protocol: ProtocolConfig = MISSING
+    data: Any = MISSING
+    wbits: int = 4
+    abits: int | None = 4  # null = weight-only
+    seed: int = 0
+    device: str = "cpu"
+    results_dir: str = "results"
+    progress: bool | None = None  # null = on when stderr is a TTY
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the value and what is valid."""
+
+
+def _check_bits(key: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:
+        valid = f"an integer in {MIN_BITS}..{MAX_BITS}" + (" or null" if allow_none else "")
+        raise ConfigError(f"{key}={value!r} is invalid; valid: {valid}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks values that types cannot express, and the method's and generator's own keys.
+
+    Raises:
+        ConfigError: on the first bad value (one-line message).
+        UnknownNameError: on an unknown method or generator name.
+    """
+    from dfq_bench import catalog  # noqa: F401  (fills the registries)
+    from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
+
+    _check_bits("wbits", cfg.wbits, allow_none=False)
+    _check_bits("abits", cfg.abits, allow_none=True)
+    p = cfg.protocol
+    for key in ("first_wbits", "last_wbits", "last_abits"):
+        _check_bits(f"protocol.{key}", p[key], allow_none=True)
+    if p.a_granularity != Granularity.per_tensor:
+        raise ConfigError(
+            f"protocol.a_granularity={p.a_granularity.value!r} is not supported; valid: per_tensor"
+        )
+    if not 50.0 < p.percentile <= 100.0:
+        raise ConfigError(f"protocol.percentile={p.percentile!r} is invalid; valid: (50, 100]")
+    from dfq_bench.observers import RANGE_RULES
+
+    if p.act_range is not None:
+        RANGE_RULES.get(p.act_range)  # raises the did-you-mean error
+    if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
+        raise ConfigError(f"device={cfg.device!r} is invalid; valid: cpu, cuda, cuda:N")
+    MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
+    DATASETS.get(cfg.dataset.name)
+    plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
+    plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
+
+
+def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
+    """Merges a group node onto the plugin's ``Config`` dataclass: unknown keys and bad types fail."""
+    schema = OmegaConf.structured(plugin.Config)
+    try:
+        return OmegaConf.merge(schema, node)
+    except Exception as e:  # omegaconf's errors are multi-line; keep the first line
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{group}.{node.get('name')}: {first}") from None
+
+
+def identity_config(cfg: DictConfig) -> dict:
+    """The part of the resolved config that identifies a result (hashed into run_id)."""
+    d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in ("results_dir", "progress", "hydra"):
+        d.pop(key, None)
+    return d

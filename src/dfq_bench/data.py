@@ -1,0 +1,58 @@
+"""Evaluation datasets: every entry is a factory ``(DatasetConfig, BuiltModel) -> DataBundle``,
+registered in ``DATASETS``. A bundle also offers a seeded subset of its *train* split for the
+real-data calibration control (never the evaluation split)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from dfq_bench.registry import DATASETS
+
+
+@dataclass
+class DataBundle:
+    loader: Iterable[tuple[Tensor, Tensor]]  # evaluation batches (images, labels)
+    n_eval: int
+    num_classes: int
+    calib: Callable[[int, int], Tensor] | None = None  # (n, seed) -> n train-split images
+    info: dict = field(default_factory=dict)  # recorded in the row (root, limit, ...)
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be found or does not fit the model; the message says what to do."""
+
+
+def check_classes(name: str, dataset_classes: int, model_classes: int) -> None:
+    if dataset_classes != model_classes:
+        raise DatasetError(
+            f"dataset {name!r} has {dataset_classes} classes but the model outputs {model_classes}; "
+            "pick a model trained on this dataset"
+        )
+
+
+def limited(n: int, limit: int | None) -> int:
+    if limit is not None and limit <= 0:
+        raise DatasetError(f"dataset.limit={limit} is invalid; valid: a positive integer or null")
+    return n if limit is None else min(n, limit)
+
+
+def fake(cfg, built) -> DataBundle:
+    """Seeded Gaussian images with random labels, shaped for the model: tests the pipeline only."""
+    g = torch.Generator().manual_seed(1234)
+    n = limited(cfg.num_samples, cfg.limit)
+    x = torch.randn((n, *built.input_size), generator=g)
+    y = torch.randint(0, built.num_classes, (n,), generator=g)
+
+    def calib(k: int, seed: int) -> Tensor:
+        return torch.randn((k, *built.input_size), generator=torch.Generator().manual_seed(seed))
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
+    return DataBundle(loader, n, built.num_classes, calib, {"limit": cfg.limit})
+
+
+DATASETS.register("fake", fake)

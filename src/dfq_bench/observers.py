@@ -1,0 +1,124 @@
+"""Activation range rules, available to every method by name (``protocol.act_range``).
+
+A data rule is a small observer: ``update(x)`` per calibration batch, then ``range() -> (lo, hi)``.
+A *sequential* rule sets its quantizer's range during the pass itself, so that downstream layers
+are calibrated on quantized upstream activations (SQuant's released code does this).
+The ``bn`` rule needs no data where a layer's input comes from a BatchNorm (DFQ's rule) and falls
+back to min/max on calibration data elsewhere (residual adds, concatenations).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dfq_bench.graph import bn_producers
+from dfq_bench.quant import ActQuant, LayerPlan, quant_layers
+from dfq_bench.registry import Registry
+
+RANGE_RULES = Registry("act_range rule")
+_MAX_QUANTILE_ELEMS = 1 << 24  # torch.quantile's input limit
+
+
+class MinMax:
+    """Running min/max over all calibration batches."""
+
+    sequential = False
+
+    def __init__(self, bits: int, protocol=None):
+        self.lo, self.hi = float("inf"), float("-inf")
+
+    def update(self, x: Tensor) -> None:
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class Percentile:
+    """Per batch, the (100-p)th and p-th percentiles of the values; averaged over batches."""
+
+    sequential = False
+
+    def __init__(self, bits: int, protocol=None):
+        self.q = (protocol.percentile if protocol is not None else 99.99) / 100.0
+        self.los, self.his = [], []
+
+    def update(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() > _MAX_QUANTILE_ELEMS:  # deterministic subsample keeps the distribution
+            flat = flat[:: flat.numel() // _MAX_QUANTILE_ELEMS + 1]
+        qs = torch.quantile(flat, torch.tensor([1.0 - self.q, self.q]))
+        self.los.append(float(qs[0]))
+        self.his.append(float(qs[1]))
+
+    def range(self) -> tuple[float, float]:
+        return sum(self.los) / len(self.los), sum(self.his) / len(self.his)
+
+
+RANGE_RULES.register("minmax", MinMax)
+RANGE_RULES.register("percentile", Percentile)
+RANGE_RULES.register("bn", MinMax)  # data fallback of the BN rule; see calibrate_activations
+RANGE_RULES.register_lazy("squant", "dfq_bench.methods.squant:SquantRange")
+
+
+def bn_range(bn: nn.Module, act: str | None, n_std: float = 6.0) -> tuple[float, float]:
+    """DFQ's data-free range of BN(x) (after its ReLU/ReLU6, if any): beta +- n_std * |gamma|."""
+    gamma, beta = bn.weight.detach().abs(), bn.bias.detach()
+    lo, hi = float((beta - n_std * gamma).min()), float((beta + n_std * gamma).max())
+    if act is not None:
+        lo, hi = max(lo, 0.0), max(hi, 0.0)
+    if act == "relu6":
+        lo, hi = min(lo, 6.0), min(hi, 6.0)
+    return lo, hi
+
+
+def calibrate_activations(
+    qmodel: nn.Module,
+    plans: list[LayerPlan],
+    rule: str,
+    protocol,
+    batches: list[Tensor] | None,
+    float_model: nn.Module | None = None,
+) -> dict:
+    """Puts an ``ActQuant`` in front of every layer the plan gives input bits, and sets its range.
+
+    Args:
+        rule: a ``RANGE_RULES`` name.
+        batches: calibration inputs (needed unless every quantized input has a BN rule range).
+        float_model: the unfolded float model, for the ``bn`` rule's BN statistics.
+
+    Returns:
+        Counts for the result row: quantizers set by BN statistics and by data.
+    """
+    rule_cls = RANGE_RULES.get(rule)
+    wrapped = quant_layers(qmodel)
+    bn_src = bn_producers(float_model) if rule == "bn" and float_model is not None else {}
+    observing, n_bn = [], 0
+    for p in plans:
+        if p.a_bits is None:
+            continue
+        aq = ActQuant(p.a_bits, protocol.a_symmetric)
+        wrapped[p.name].act_quant = aq
+        if p.name in bn_src:
+            aq.set_range(*bn_range(*bn_src[p.name]))
+            n_bn += 1
+        else:
+            aq.rule, aq.state = rule_cls(p.a_bits, protocol), "observe"
+            observing.append(aq)
+    if observing:
+        if not batches:
+            raise ValueError(f"act_range rule {rule!r} needs calibration data, but none was given")
+        with torch.no_grad():
+            for x in batches:
+                qmodel(x)
+                if rule_cls.sequential:
+                    break  # one pass sets every range (the reference uses a single batch)
+        for aq in observing:
+            if aq.state == "observe":
+                if aq.rule.range()[0] == float("inf"):
+                    raise RuntimeError("an activation quantizer saw no data during calibration")
+                aq.set_range(*aq.rule.range())
+                aq.rule = None
+    return {"n_act_quant": n_bn + len(observing), "n_act_bn_rule": n_bn}

@@ -1,0 +1,258 @@
+"""Quantization primitives shared by every method: uniform affine grids, weight fake-quantization,
+activation fake-quant modules, BN folding, and the per-layer bit plan that applies the protocol.
+
+Conventions (those of SQuant, ZeroQ and GENIE, see shared/docs/methods.md):
+- A grid maps x to the integer level q = clamp(round(x / scale) + zero_point, qmin, qmax) and back to
+  (q - zero_point) * scale. Zero-points are integers, so 0.0 is always exactly representable.
+- Weights use a signed grid [-2^(b-1), 2^(b-1) - 1]. Asymmetric: scale = (max - min) / (2^b - 1) over
+  a range widened to include 0. Symmetric: scale = max|w| / (2^(b-1) - 1), zero-point 0.
+- Activations are per tensor. A non-negative range uses the unsigned grid [0, 2^b - 1]; a signed one
+  uses the signed grid when symmetric, and the unsigned grid with a zero-point when asymmetric.
+- torch.round rounds exact .5 ties to even (the paper-era SQuant kernel rounded them up).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dfq_bench.graph import CONV_LINEAR, conv_bn_pairs
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer level range of a ``bits``-bit grid."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass
+class Grid:
+    """A uniform affine grid; ``scale`` and ``zero_point`` broadcast against the quantized tensor."""
+
+    scale: Tensor
+    zero_point: Tensor
+    qmin: int
+    qmax: int
+
+    def scaled(self, x: Tensor) -> Tensor:
+        """x in units of the grid step, shifted by the zero-point (not yet rounded or clamped)."""
+        return x / self.scale + self.zero_point
+
+    def levels(self, x: Tensor) -> Tensor:
+        """Round-to-nearest integer levels (as a float tensor), clamped to the grid."""
+        return torch.clamp(torch.round(self.scaled(x)), self.qmin, self.qmax)
+
+    def dequant(self, q: Tensor) -> Tensor:
+        return (q - self.zero_point) * self.scale
+
+    def fake(self, x: Tensor) -> Tensor:
+        return self.dequant(self.levels(x))
+
+
+def grid_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, signed: bool) -> Grid:
+    """Grid covering [lo, hi] (widened to include 0). ``lo``/``hi`` may be per-channel tensors."""
+    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    qmin, qmax = qrange(bits, signed)
+    if symmetric:
+        amax = torch.maximum(-lo, hi) if signed else hi
+        scale = amax / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.clamp(qmin - torch.round(lo / safe), qmin, qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero channel: any scale works
+    return Grid(scale, zero_point, qmin, qmax)
+
+
+def weight_grid(w: Tensor, bits: int, per_channel: bool, symmetric: bool) -> Grid:
+    """Min/max grid of a weight tensor: per output channel (dim 0) or per tensor; signed levels."""
+    if per_channel:
+        flat = w.detach().reshape(w.shape[0], -1)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        lo, hi = flat.min(dim=1).values.reshape(shape), flat.max(dim=1).values.reshape(shape)
+    else:
+        lo, hi = w.detach().min(), w.detach().max()
+    return grid_from_range(lo, hi, bits, symmetric, signed=True)
+
+
+def activation_grid(lo: float, hi: float, bits: int, symmetric: bool) -> Grid:
+    signed = symmetric and lo < 0
+    return grid_from_range(torch.tensor(lo), torch.tensor(hi), bits, symmetric, signed)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation fake-quantizer with three states.
+
+    ``observe``: feeds inputs to a range rule and passes them through (or, for a sequential rule,
+    sets its range from the first batch and quantizes at once, so that downstream quantizers see
+    quantized inputs); ``on``: fake-quantizes; ``off``: identity.
+    """
+
+    def __init__(self, bits: int, symmetric: bool):
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.qmin, self.qmax = qrange(bits, False)
+        self.lo, self.hi = 0.0, 0.0
+        self.state = "off"
+        self.rule = None
+
+    def set_range(self, lo: float, hi: float) -> None:
+        grid = activation_grid(lo, hi, self.bits, self.symmetric)
+        self.lo, self.hi = float(lo), float(hi)
+        self.scale.fill_(float(grid.scale))
+        self.zero_point.fill_(int(grid.zero_point))
+        self.qmin, self.qmax = grid.qmin, grid.qmax
+        self.state = "on"
+
+    def grid(self) -> Grid:
+        return Grid(self.scale, self.zero_point.float(), self.qmin, self.qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "observe":
+            self.rule.update(x)
+            if not self.rule.sequential:
+                return x
+            self.set_range(*self.rule.range())
+            self.rule = None
+        if self.state == "on":
+            return torch.fake_quantize_per_tensor_affine(
+                x, self.scale, self.zero_point, self.qmin, self.qmax
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, state={self.state}, range=[{self.lo:.4g}, {self.hi:.4g}]"
+
+
+class QuantLayer(nn.Module):
+    """A Conv/Linear whose weights are already fake-quantized, with an input quantizer in front.
+
+    Buffers ``w_scale``/``w_zero_point`` keep the weight grid, so the integer levels can be
+    recovered exactly (export, tests): levels = round(weight / w_scale) + w_zero_point.
+    """
+
+    def __init__(self, layer: nn.Module, act_quant: ActQuant | None, w_grid: Grid | None, w_bits):
+        super().__init__()
+        self.layer = layer
+        self.act_quant = act_quant
+        self.w_bits = w_bits
+        if w_grid is not None:
+            self.register_buffer("w_scale", w_grid.scale.detach().clone())
+            self.register_buffer("w_zero_point", w_grid.zero_point.detach().clone())
+            self.w_qmin, self.w_qmax = w_grid.qmin, w_grid.qmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self.layer(x)
+
+    def weight_levels(self) -> Tensor:
+        return torch.round(self.layer.weight / self.w_scale) + self.w_zero_point
+
+
+@dataclass
+class LayerPlan:
+    """What the protocol asks of one Conv/Linear layer (``None`` bits = kept in float)."""
+
+    name: str
+    module: nn.Module
+    w_bits: int | None
+    a_bits: int | None
+    is_first: bool
+    is_last: bool
+
+
+def fold_bn(model: nn.Module) -> int:
+    """Folds every BN whose input is a conv used only by it into that conv, in place; the BN
+    becomes ``nn.Identity``. Returns the number of folded BNs."""
+    pairs = conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = (gamma / std).detach()
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+        with torch.no_grad():
+            conv.weight.mul_(factor.reshape((-1,) + (1,) * (conv.weight.dim() - 1)))
+            new_bias = (bias - bn.running_mean) * factor + beta
+        conv.bias = nn.Parameter(new_bias.detach().clone())
+        _set_submodule(model, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def prepare_model(model: nn.Module, fold: bool) -> tuple[nn.Module, int]:
+    """A deep copy in eval mode, with BN folded when asked; the float model is never touched."""
+    qmodel = copy.deepcopy(model).eval()
+    return qmodel, fold_bn(qmodel) if fold else 0
+
+
+def execution_order(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Names of the Conv/Linear modules in the order a forward pass calls them (each once)."""
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, CONV_LINEAR):
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def plan_layers(model: nn.Module, example_input: Tensor, protocol, wbits: int, abits) -> list[LayerPlan]:
+    """Applies the protocol's first/last-layer rules to every Conv/Linear, in execution order."""
+    names = execution_order(model, example_input)
+    plans = []
+    for i, name in enumerate(names):
+        first, last = i == 0, i == len(names) - 1
+        w = wbits
+        if first and protocol.first_wbits is not None:
+            w = protocol.first_wbits
+        if last and protocol.last_wbits is not None:
+            w = protocol.last_wbits
+        a = abits
+        if a is not None and last and protocol.last_abits is not None:
+            a = protocol.last_abits
+        if first and not protocol.quantize_first_input:
+            a = None
+        plans.append(LayerPlan(name, model.get_submodule(name), w, a, first, last))
+    return plans
+
+
+def quantize_weights(model: nn.Module, plans: list[LayerPlan], protocol, round_fn=None) -> None:
+    """Replaces each planned layer's weight by its fake-quantized value, in place, and wraps the
+    layer in a ``QuantLayer`` (no input quantizer yet).
+
+    Args:
+        round_fn: ``(weight, grid, plan) -> integer levels``; default round-to-nearest.
+    """
+    per_channel = protocol.w_granularity == "per_channel"
+    for p in plans:
+        grid = None
+        if p.w_bits is not None:
+            w = p.module.weight.detach()
+            grid = weight_grid(w, p.w_bits, per_channel, protocol.w_symmetric)
+            levels = grid.levels(w) if round_fn is None else round_fn(w, grid, p)
+            with torch.no_grad():
+                p.module.weight.copy_(grid.dequant(levels))
+        _set_submodule(model, p.name, QuantLayer(p.module, None, grid, p.w_bits))
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}

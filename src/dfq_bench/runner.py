@@ -1,0 +1,232 @@
+"""One run: build the model, make calibration data, quantize, evaluate FP32 and quantized models in
+one pass over the data, and write one result row (also when the method fails)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dfq_bench import catalog  # noqa: F401  (fills the registries)
+from dfq_bench.config import identity_config, plugin_config
+from dfq_bench.method import QuantContext
+from dfq_bench.models import BuiltModel
+from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
+from dfq_bench.results import append_row, check_writable, write_json
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+_PACKAGES = ("dfq_bench", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy")
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus keys that do not change the result."""
+    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def progress_bar(enabled: bool):
+    from tqdm import tqdm
+
+    def bar(iterable, **kw):
+        return tqdm(iterable, disable=not enabled, leave=False, **kw)
+
+    return bar
+
+
+def build_model(cfg) -> BuiltModel:
+    return MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)(cfg.model)
+
+
+def model_label(cfg) -> str:
+    return cfg.model.name if cfg.model.source == "zoo" else f"{cfg.model.source}:{cfg.model.name}"
+
+
+@torch.inference_mode()
+def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar) -> dict:
+    """Feeds each batch once to both models. Top-k in percent; agreement of the two top-1
+    predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model."""
+    n = top1 = top5 = top1_fp = top5_fp = agree = 0
+    kl_sum, t_q, t_fp = 0.0, 0.0, 0.0
+    for x, y in bar(loader, desc="eval"):
+        x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        logits_fp = fp_model(x)
+        t1 = time.perf_counter()
+        logits_q = q_model(x)
+        t_q += time.perf_counter() - t1
+        t_fp += t1 - t0
+        k = min(5, logits_fp.shape[1])
+        pred_fp, pred_q = logits_fp.topk(k, 1).indices, logits_q.topk(k, 1).indices
+        top1_fp += int((pred_fp[:, 0] == y).sum())
+        top1 += int((pred_q[:, 0] == y).sum())
+        top5_fp += int((pred_fp == y[:, None]).any(1).sum())
+        top5 += int((pred_q == y[:, None]).any(1).sum())
+        agree += int((pred_fp[:, 0] == pred_q[:, 0]).sum())
+        logp_fp, logp_q = F.log_softmax(logits_fp.float(), 1), F.log_softmax(logits_q.float(), 1)
+        kl_sum += float((logp_fp.exp() * (logp_fp - logp_q)).sum())
+        n += len(y)
+    if n == 0:
+        raise RuntimeError("the evaluation set is empty")
+    pct = lambda c: 100.0 * c / n  # noqa: E731
+    return {
+        "top1": pct(top1), "top5": pct(top5), "top1_fp32": pct(top1_fp), "top5_fp32": pct(top5_fp),
+        "agree_fp32": pct(agree), "kl_fp32": kl_sum / n, "n_eval": n,
+        "t_eval_s": t_q, "t_eval_fp32_s": t_fp,
+    }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _versions() -> dict:
+    found = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(cfg: DictConfig) -> dict:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "versions": _versions(),
+        "device_name": device_name(cfg.device),
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | None = None) -> dict:
+    """Runs one configuration (already validated) and returns its row.
+
+    The row is appended to ``${results_dir}/runs.jsonl`` (and written to ``run_dir/result.json``)
+    whether the run succeeds or fails; a failure is re-raised after the row is written.
+    """
+    results_dir = check_writable(cfg.results_dir)
+    if progress is None:
+        progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = progress_bar(progress)
+    method_cls = METHODS.get(cfg.method.name)
+    method_cfg = plugin_config(method_cls, cfg.method, "method")
+    row = {
+        "run_id": run_id(cfg), "status": "failed", "error": None,
+        "method": cfg.method.name, "method_version": method_cls.version,
+        "model": model_label(cfg), "dataset": cfg.dataset.name,
+        "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed,
+        "protocol": OmegaConf.to_container(cfg.protocol, enum_to_str=True),
+        "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
+        "data": None, "weights": None,
+        "top1": None, "top5": None, "top1_fp32": None, "top5_fp32": None, "delta_top1": None,
+        "agree_fp32": None, "kl_fp32": None, "n_eval": None,
+        "t_synth_s": 0.0, "t_quant_s": None, "t_eval_s": None, "t_eval_fp32_s": None,
+        **provenance(cfg),
+        "run_dir": str(run_dir) if run_dir is not None else None,
+    }
+    t_start = time.perf_counter()
+    try:
+        seed_everything(cfg.seed)
+        built = build_model(cfg)
+        row["weights"] = built.weights
+        model = built.model.to(cfg.device).eval()
+        bundle = DATASETS.get(cfg.dataset.name)(cfg.dataset, built)
+        row["dataset_info"] = bundle.info
+        example = torch.zeros((2, *built.input_size), device=cfg.device)
+        ctx = QuantContext(cfg.wbits, cfg.abits, cfg.protocol, cfg.seed, cfg.device, example,
+                           progress=bar)
+        method = method_cls(method_cfg)
+        if method.wants_data(ctx):
+            gen = SYNTH.get(cfg.data.name)
+            gen_cfg = plugin_config(gen, cfg.data, "data")
+            row["data"] = OmegaConf.to_container(gen_cfg, enum_to_str=True)
+            t0 = time.perf_counter()
+            ctx.calib = gen.generate(gen_cfg, model, built.input_size, cfg.seed, cfg.device, bundle)
+            row["t_synth_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        qmodel = method.quantize(model, ctx)
+        row["t_quant_s"] = time.perf_counter() - t0
+        clash = set(ctx.info) & set(row)
+        if clash:
+            raise RuntimeError(f"method info would overwrite row fields {sorted(clash)}")
+        row.update(ctx.info)
+        row.update(evaluate(model, qmodel.to(cfg.device).eval(), bundle.loader, cfg.device, bar))
+        row["delta_top1"] = row["top1"] - row["top1_fp32"]
+        row["status"] = "ok"
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        row["t_total_s"] = time.perf_counter() - t_start
+        row["peak_rss_mb"] = peak_rss_mb()
+        append_row(results_dir, row)
+        if run_dir is not None:
+            write_json(Path(run_dir) / "result.json", row)
+    return row
+
+
+def summary(row: dict) -> str:
+    """A short human table for the end of a CLI run."""
+    f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    bits = f"W{row['wbits']}A{row['abits'] if row['abits'] is not None else 32}"
+    lines = [
+        f"{row['method']} on {row['model']} / {row['dataset']}  {bits}  seed {row['seed']}  "
+        f"run_id {row['run_id']}",
+        f"  {'':10s}{'top-1':>8s}{'top-5':>8s}",
+        f"  {'FP32':10s}{f(row['top1_fp32']):>8s}{f(row['top5_fp32']):>8s}",
+        f"  {'quantized':10s}{f(row['top1']):>8s}{f(row['top5']):>8s}",
+        f"  {'delta':10s}{f(row['delta_top1'], '+.2f'):>8s}",
+        f"  agreement {f(row['agree_fp32'])}%  KL {f(row['kl_fp32'], '.4g')}  n_eval {row['n_eval']}",
+        f"  time: synth {f(row['t_synth_s'], '.3f')}s  quant {f(row['t_quant_s'], '.3f')}s  "
+        f"eval {f(row['t_eval_s'], '.3f')}s (fp32 {f(row['t_eval_fp32_s'], '.3f')}s)  "
+        f"peak RSS {f(row['peak_rss_mb'], '.0f')} MB",
+    ]
+    return "\n".join(lines)
