@@ -55,8 +55,9 @@ class Grid:
 
 def grid_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, signed: bool) -> Grid:
     """Grid covering [lo, hi] (widened to include 0). ``lo``/``hi`` may be per-channel tensors."""
-    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
-    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+    dtype = lo.dtype if lo.is_floating_point() else torch.float32
+    lo, hi = torch.clamp(lo.to(dtype), max=0.0), torch.clamp(hi.to(dtype), min=0.0)
     qmin, qmax = qrange(bits, signed)
     if symmetric:
         amax = torch.maximum(-lo, hi) if signed else hi
