@@ -75,10 +75,33 @@ def task(cfg: DictConfig):
     return row["top1"]
 
 
-def main() -> None:
+def composition_error(overrides: list[str]) -> str | None:
+    """Composes a plain command line (no Hydra flags, no sweeps) up front, so that a bad typed value
+    gives one line ("protocol.w_granularity: Invalid value 'x', expected one of [...]")."""
+    from hydra import compose, initialize_config_dir
+
     try:
-        sys.argv[1:] = check_group_overrides(sys.argv[1:])
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except Exception as e:
+        cause = e.__cause__ or e
+        key = getattr(cause, "full_key", None)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"{key}: {first}" if key else first
+    return None
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    try:
+        argv = check_group_overrides(argv)
     except UnknownNameError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    if not any(a.startswith("-") for a in argv):
+        err = composition_error(argv)
+        if err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+    sys.argv[1:] = argv
     task()

@@ -1,0 +1,21 @@
+# Two commands for a fresh machine: `make demo` (set up + default benchmark), `make test` (set up + tests).
+PY ?= python3
+export PYTHON := $(PY)
+
+.PHONY: setup demo test test-slow lint
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m dfq_bench
+
+test: setup
+	$(PY) -m ruff check src methods tests scripts
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint:
+	$(PY) -m ruff check src methods tests scripts
