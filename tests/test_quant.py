@@ -209,3 +209,18 @@ def test_percentile_rule_is_inside_minmax():
     mm, pc = q_mm.conv2.act_quant, q_pc.conv2.act_quant
     assert mm.lo <= pc.lo <= pc.hi <= mm.hi
     assert pc.hi < mm.hi
+
+
+def test_method_returns_new_model_and_leaves_float_model_untouched():
+    from dfq_bench.method import QuantContext
+    from dfq_bench.methods.rtn import RTN
+
+    model = make_test_cnn(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ctx = QuantContext(4, 4, protocol(), 0, "cpu", x[:2], calib=[x])
+    qmodel = RTN().quantize(model, ctx)
+    assert qmodel is not model and isinstance(qmodel.conv1, QuantLayer)
+    assert not any(isinstance(m, QuantLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert ctx.info["n_layers"] == 6 and ctx.info["n_act_quant"] == 5
