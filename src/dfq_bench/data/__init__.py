@@ -56,3 +56,8 @@ def fake(cfg, built) -> DataBundle:
 
 
 DATASETS.register("fake", fake)
+DATASETS.register_lazy("imagenet", "dfq_bench.data.imagenet:imagenet")
+DATASETS.register_lazy("cifar10", "dfq_bench.data.imagenet:cifar10")
+DATASETS.register_lazy("cifar100", "dfq_bench.data.imagenet:cifar100")
+DATASETS.register_lazy("imagenet_samples", "dfq_bench.data.samples:imagenet_samples")
+DATASETS.register_lazy("cifar10_samples", "dfq_bench.data.samples:cifar10_samples")

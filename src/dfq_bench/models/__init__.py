@@ -33,3 +33,9 @@ class BuiltModel:
 
 
 MODELS.register_lazy("test_cnn", "dfq_bench.models.test_cnn:build")
+MODELS.register_lazy("resnet18", "dfq_bench.models.torchvision_timm:resnet18")
+MODELS.register_lazy("resnet50", "dfq_bench.models.torchvision_timm:resnet50")
+MODELS.register_lazy("mobilenet_v2", "dfq_bench.models.torchvision_timm:mobilenet_v2")
+MODELS.register_lazy("inception_v3", "dfq_bench.models.torchvision_timm:inception_v3")
+MODELS.register_lazy("timm", "dfq_bench.models.torchvision_timm:timm_model")
+MODELS.register_lazy("efficientnet_lite0", "dfq_bench.models.efficientnet:build")
