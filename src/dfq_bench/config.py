@@ -122,6 +122,8 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r} is invalid; valid: cpu, cuda, cuda:N")
     MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
+    if cfg.model.source == "timm" and OmegaConf.is_missing(cfg.model, "name"):
+        raise ConfigError("model.name is missing; valid: a timm architecture (model.name=resnet18)")
     DATASETS.get(cfg.dataset.name)
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
