@@ -4,6 +4,11 @@ Before Hydra composes anything, group choices are checked against conf/ and the 
 a typo gives one line ("unknown method 'squnat'; did you mean 'squant'? available: ...") and exit
 code 2. A method that a third-party package registers through the ``dfq_bench.methods`` entry
 point but that has no YAML in conf/method/ is selected with ``method=<name>`` too.
+
+A run whose run_id already has an ok row in ``${results_dir}/runs.jsonl`` is skipped
+(``skip_done=false`` reruns it), so rerunning a sweep resumes it. In a multirun (``-m``) a failed
+job writes its failed row and raises ``JobFailed``: Hydra's launchers record it and go on with the
+other jobs, then print the first failure in one line and exit 1.
 """
 
 from __future__ import annotations
@@ -13,15 +18,21 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, register_configs, validate_config
 from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
 from dfq_bench.results import ResultsDirError, check_writable
+from dfq_bench.sweep import finished_row
 
 log = logging.getLogger("dfq_bench")
 EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
+
+
+class JobFailed(CompactHydraException):
+    """A failed multirun job; Hydra prints it as one line (no traceback) after the whole batch."""
 
 
 def group_options(group: str) -> list[str]:
@@ -52,23 +63,30 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def task(cfg: DictConfig):
-    from dfq_bench.runner import run, summary
+    from dfq_bench.runner import run, run_id, summary
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         validate_config(cfg)
         check_writable(cfg.results_dir)
     except (ConfigError, UnknownNameError, ResultsDirError) as e:
-        if multirun:
-            raise
         print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            raise JobFailed(f"error: {e}") from None
         sys.exit(EXIT_BAD_CONFIG)
+    if cfg.skip_done:
+        done = finished_row(cfg.results_dir, run_id(cfg))
+        if done is not None:
+            print(f"skipped: run_id {done['run_id']} already has an ok row in {cfg.results_dir}/runs.jsonl "
+                  "(skip_done=false reruns it)")
+            return done.get("top1")
     try:
         row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except Exception as e:
+        message = f"error: run failed ({type(e).__name__}: {e}); a failed row was written"
+        print(message, file=sys.stderr)
         if multirun:
-            raise
-        print(f"error: run failed ({type(e).__name__}: {e}); a failed row was written", file=sys.stderr)
+            raise JobFailed(message) from None
         sys.exit(EXIT_RUN_FAILED)
     print(summary(row))
     print(f"  row appended to {cfg.results_dir}/runs.jsonl")

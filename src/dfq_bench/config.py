@@ -7,7 +7,7 @@ method can carry its own options without editing this file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("model", "dataset", "method", "protocol", "data")
+GROUPS = ("model", "dataset", "method", "protocol", "data", "logger", "experiment")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -63,6 +63,18 @@ class ProtocolConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where rows are mirrored besides runs.jsonl (``logger=wandb``); never part of the run_id."""
+
+    name: str = "none"  # none | wandb
+    project: str = "dfq_bench"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # online | offline | disabled; null = wandb's default (WANDB_MODE)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -75,6 +87,10 @@ class Config:
     device: str = "cpu"
     results_dir: str = "results"
     progress: bool | None = None  # null = on when stderr is a TTY
+    skip_done: bool = True  # skip a run whose run_id already has an ok row in results_dir
+    eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see evalcache.py
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
 
 
 def register_configs() -> None:
@@ -142,6 +158,8 @@ def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
 def identity_config(cfg: DictConfig) -> dict:
     """The part of the resolved config that identifies a result (hashed into run_id)."""
     d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in ("results_dir", "progress", "hydra"):
+    for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "logger"):
         d.pop(key, None)
+    if d.get("paper") is None:  # keeps the run_ids of runs without an overlay unchanged
+        d.pop("paper", None)
     return d

@@ -23,6 +23,8 @@ from torch import nn
 
 from dfq_bench import catalog  # noqa: F401  (fills the registries)
 from dfq_bench.config import identity_config, plugin_config
+from dfq_bench.evalcache import EvalCache, FP32Outputs
+from dfq_bench.loggers import log_row
 from dfq_bench.method import QuantContext
 from dfq_bench.models import BuiltModel
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
@@ -57,16 +59,29 @@ def model_label(cfg) -> str:
 
 
 @torch.inference_mode()
-def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar) -> dict:
+def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
+             fp32: FP32Outputs | None = None, record: list | None = None) -> dict:
     """Feeds each batch once to both models. Top-k in percent; agreement of the two top-1
-    predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model."""
+    predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model.
+
+    ``fp32``: cached FP32 logits of this loader (evalcache.py): the FP32 forward is skipped and
+    its logits are read from the cache. ``record``: a list that receives (FP32 logits, labels) of
+    every batch on CPU, to make a cache entry.
+    """
     n = top1 = top5 = top1_fp = top5_fp = agree = 0
     kl_sum, t_q, t_fp = 0.0, 0.0, 0.0
     for x, y in bar(loader, desc="eval"):
         x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
-        logits_fp = fp_model(x)
+        if fp32 is None:
+            logits_fp = fp_model(x)
+        else:
+            logits_fp = fp32.logits[n:n + len(y)].to(device)
+            if len(logits_fp) != len(y) or not torch.equal(fp32.labels[n:n + len(y)].to(device), y):
+                raise RuntimeError(f"eval cache does not match this loader at image {n}; delete the entry")
         t1 = time.perf_counter()
+        if record is not None:
+            record.append((logits_fp.float().cpu(), y.cpu()))
         logits_q = q_model(x)
         t_q += time.perf_counter() - t1
         t_fp += t1 - t0
@@ -82,6 +97,10 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar) 
         n += len(y)
     if n == 0:
         raise RuntimeError("the evaluation set is empty")
+    if fp32 is not None:
+        if n != len(fp32.labels):
+            raise RuntimeError(f"eval cache holds {len(fp32.labels)} images, this loader {n}; delete the entry")
+        t_fp = fp32.t_eval_fp32_s
     pct = lambda c: 100.0 * c / n  # noqa: E731
     return {
         "top1": pct(top1), "top5": pct(top5), "top1_fp32": pct(top1_fp), "top5_fp32": pct(top5_fp),
@@ -171,7 +190,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         "t_synth_s": 0.0, "t_quant_s": None, "t_eval_s": None, "t_eval_fp32_s": None,
         **provenance(cfg),
         "run_dir": str(run_dir) if run_dir is not None else None,
+        "eval_cache": None,
     }
+    if cfg.get("paper") is not None:
+        row["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
     t_start = time.perf_counter()
     try:
         seed_everything(cfg.seed)
@@ -198,7 +220,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         if clash:
             raise RuntimeError(f"method info would overwrite row fields {sorted(clash)}")
         row.update(ctx.info)
-        row.update(evaluate(model, qmodel.to(cfg.device).eval(), bundle.loader, cfg.device, bar))
+        cache = fp32 = record = None
+        if cfg.get("eval_cache"):
+            cache = EvalCache.for_run(cfg.eval_cache, model_label(cfg), built,
+                                      OmegaConf.to_container(cfg.dataset), bundle.info, cfg.device)
+            fp32 = cache.load()
+            record = [] if fp32 is None else None
+            row["eval_cache"] = "miss" if fp32 is None else "hit"
+        row.update(evaluate(model, qmodel.to(cfg.device).eval(), bundle.loader, cfg.device, bar,
+                            fp32=fp32, record=record))
+        if record:
+            cache.save(FP32Outputs(torch.cat([r[0] for r in record]), torch.cat([r[1] for r in record]),
+                                   row["t_eval_fp32_s"]))
         row["delta_top1"] = row["top1"] - row["top1_fp32"]
         row["status"] = "ok"
     except Exception as e:
@@ -210,6 +243,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         append_row(results_dir, row)
         if run_dir is not None:
             write_json(Path(run_dir) / "result.json", row)
+        log_row(cfg.get("logger"), row)
     return row
 
 

@@ -1,0 +1,94 @@
+"""Cache of the FP32 model's evaluation outputs, so a sweep runs each FP32 forward pass once.
+
+The runner feeds every evaluation batch to the FP32 and the quantized model in one pass, because
+the row's agreement and KL compare the two models' outputs image by image. Caching only the FP32
+accuracy would therefore save nothing: the FP32 logits would still be needed. So the cache keeps
+the FP32 *logits* (float32, in loader order) with the labels. On a hit the runner skips the FP32
+forward and reads each batch's logits from the cache; top-1/top-5 FP32, agreement and KL are then
+computed by the same code from the same numbers as on a miss (the logits are stored exactly).
+
+The key is a hash of everything the FP32 logits depend on: the weights (sha256 of every tensor in
+the state dict, so a retrained checkpoint under the same tag misses), the model label and its input
+size and preprocessing, the dataset config and what the dataset factory reported (root, limit,
+batch size: batch composition can change the last bits of a float result), the device and the torch
+version. The labels are stored too and checked batch by batch; a mismatch is an error, never a
+silent reuse. Size: n_eval x num_classes x 4 bytes (10,000 x 10 = 0.4 MB; ImageNet val 200 MB).
+
+Entries are written by temp file + rename, so concurrent jobs at worst compute the same entry twice.
+A row says ``eval_cache: "hit" | "miss"`` (null when ``eval_cache`` is off); on a hit its
+``t_eval_fp32_s`` is the time measured when the entry was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FP32Outputs:
+    logits: Tensor  # (n_eval, num_classes) float32, loader order
+    labels: Tensor  # (n_eval,) int64
+    t_eval_fp32_s: float  # time of the FP32 forward passes when the entry was made
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class EvalCache:
+    """One cache entry: ``directory/<key>.pt``."""
+
+    def __init__(self, directory: str | Path, key_fields: dict):
+        self.key_fields = key_fields
+        blob = json.dumps(key_fields, sort_keys=True, default=str)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:24]
+        self.path = Path(directory) / f"{self.key}.pt"
+
+    @classmethod
+    def for_run(cls, directory: str | Path, model_label: str, built, dataset_cfg: dict, dataset_info: dict,
+                device: str) -> EvalCache:
+        fields = {
+            "weights_sha256": weights_sha256(built.model),
+            "model": model_label,
+            "input_size": list(built.input_size),
+            "num_classes": built.num_classes,
+            "preprocess": asdict(built.preprocess),
+            "dataset": dataset_cfg,
+            "dataset_info": dataset_info,
+            "device": device,
+            "torch": torch.__version__,
+        }
+        return cls(directory, fields)
+
+    def load(self) -> FP32Outputs | None:
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a torn or foreign file: recompute and overwrite it
+            log.warning("eval cache entry %s unreadable (%s); recomputing", self.path, e)
+            return None
+        return FP32Outputs(blob["logits"], blob["labels"], float(blob["t_eval_fp32_s"]))
+
+    def save(self, out: FP32Outputs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save({"logits": out.logits, "labels": out.labels, "t_eval_fp32_s": out.t_eval_fp32_s,
+                    "key_fields": json.dumps(self.key_fields, sort_keys=True, default=str)}, tmp)
+        os.replace(tmp, self.path)
