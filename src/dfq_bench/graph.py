@@ -6,6 +6,8 @@ Conv, Linear and BatchNorm modules are kept as leaves, also subclasses with thei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -103,4 +105,206 @@ def bn_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
     return found
 
 
-__all__ = ["LeafTracer", "TraceError", "trace", "conv_bn_pairs", "bn_producers", "activation_kind"]
+# ---------------------------------------------------------------------------------------------
+# Equalization links and input sources (DFQ). Everything below walks the traced graph, so a module
+# reused at two call sites, a tensor with two users, a residual add or a concatenation is seen.
+
+# Ops through which positive per-channel scaling of the tensor commutes (f(s*x) = s*f(x) for s > 0).
+_POS_HOMOGENEOUS = {"relu", "leaky_relu"}
+_SCALE_MODULES = {
+    nn.Identity: "identity", nn.Dropout: "identity", nn.MaxPool1d: "maxpool", nn.MaxPool2d: "maxpool",
+    nn.MaxPool3d: "maxpool", nn.AvgPool1d: "avgpool", nn.AvgPool2d: "avgpool", nn.AvgPool3d: "avgpool",
+    nn.AdaptiveAvgPool1d: "avgpool", nn.AdaptiveAvgPool2d: "avgpool", nn.AdaptiveAvgPool3d: "avgpool",
+    nn.AdaptiveMaxPool2d: "maxpool", nn.Flatten: "flatten", nn.LeakyReLU: "leaky_relu",
+}
+_SCALE_FUNCTIONS = {
+    F.dropout: "identity", F.max_pool2d: "maxpool", F.avg_pool2d: "avgpool",
+    F.adaptive_avg_pool2d: "avgpool", F.adaptive_max_pool2d: "maxpool", torch.flatten: "flatten",
+    F.leaky_relu: "leaky_relu",
+}
+# Ops that keep each channel's mean (bias correction walks back through these only).
+_MEAN_KEEPING = {"identity", "avgpool", "flatten"}
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Class of a node for equalization: "relu", "relu6", "leaky_relu", "identity", "maxpool",
+    "avgpool", "flatten" (a reshape to (N, -1)), or None (anything else: stops a walk)."""
+    act = activation_kind(gm, node)
+    if act is not None:
+        return act
+    m = _module(gm, node)
+    if m is not None:
+        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
+            return None
+        return _SCALE_MODULES.get(type(m))
+    if node.op == "call_function" and node.target in _SCALE_FUNCTIONS:
+        kind = _SCALE_FUNCTIONS[node.target]
+        if kind == "flatten" and _arg(node, 1, "start_dim", 0) != 1:
+            return None
+        return kind
+    if node.op == "call_method":
+        if node.target == "flatten" and _arg(node, 1, "start_dim", 0) == 1:
+            return "flatten"
+        if node.target in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
+            return "flatten"  # x.view(batch, -1): channel-major, so channel i owns a contiguous block
+        if node.target == "contiguous":
+            return "identity"
+    return None
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def _channels_out(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+@dataclass(frozen=True)
+class Link:
+    """``producer`` feeds ``consumer`` through ``ops`` only, so that scaling the producer's output
+    channel i by s > 0 and the consumer's input channel i by 1/s leaves the network unchanged.
+
+    ``act`` is "relu", "leaky_relu" or None (linear); ``ops`` lists the op kinds on the path."""
+
+    producer: str
+    consumer: str
+    act: str | None
+    ops: tuple[str, ...]
+
+
+def equalization_links(model: nn.Module) -> list[Link]:
+    """Producer -> consumer pairs (Conv/Linear, any groups) where cross-layer equalization is exact.
+
+    Run it after BN folding: an unfolded BN stops a link. The walk from a producer follows single
+    users only (a tensor with two users, e.g. a residual branch point, stops it) through ReLU,
+    LeakyReLU, identity/dropout, max/avg pooling and flatten; a ReLU6 or any other op (add, cat,
+    mul, sigmoid, swish, ...) stops it. A module called at two sites is never part of a link.
+    A Linear consumer must take the flattened channels (in_features a multiple of the producer's
+    channels); a conv consumer takes no reshape and exactly the producer's channels.
+    Links are returned in graph (topological) order.
+    """
+    gm = trace(model)
+    calls = _call_counts(gm)
+    links = []
+    for node in gm.graph.nodes:
+        prod = _module(gm, node)
+        if not isinstance(prod, CONV_LINEAR) or calls[node.target] != 1:
+            continue
+        cur, ops, acts = node, [], []
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            cons = _module(gm, nxt)
+            if isinstance(cons, CONV_LINEAR):
+                if nxt.args[0] is cur and calls[nxt.target] == 1 and _fits(prod, cons, ops):
+                    act = None if not acts else ("relu" if set(acts) == {"relu"} else "leaky_relu")
+                    links.append(Link(node.target, nxt.target, act, tuple(ops)))
+                break
+            kind = op_kind(gm, nxt)
+            if kind is None or kind == "relu6" or nxt.args[0] is not cur:
+                break
+            if kind in _POS_HOMOGENEOUS:
+                acts.append(kind)
+            ops.append(kind)
+            cur = nxt
+    return links
+
+
+def _fits(prod: nn.Module, cons: nn.Module, ops: list[str]) -> bool:
+    c = _channels_out(prod)
+    if isinstance(cons, nn.Linear):
+        spatial = not isinstance(prod, nn.Linear)
+        return cons.in_features % c == 0 and (cons.in_features == c or (spatial and "flatten" in ops))
+    return "flatten" not in ops and cons.in_channels == c and cons.weight.dim() == prod.weight.dim()
+
+
+@dataclass(frozen=True)
+class Source:
+    """The module whose output reaches a layer's input, and the activation on the way."""
+
+    name: str
+    act: str | None  # "relu", "relu6" or None
+    ops: tuple[str, ...]
+
+
+def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
+    """For each Conv/Linear, the module that produces its input, walking back through at most one
+    ReLU/ReLU6 and ops that keep the per-tensor value range (``keep="range"``: the same walk as
+    ``bn_producers``: pooling, flatten, dropout, ...) or each channel's mean (``keep="mean"``: no
+    max pooling, no reshape other than flatten). Layers whose walk ends at a non-module node
+    (the network input, an add, a concatenation) are absent."""
+    gm = trace(model)
+    found = {}
+    for node in gm.graph.nodes:
+        if not isinstance(_module(gm, node), CONV_LINEAR):
+            continue
+        src, act, ops = node.args[0], None, []
+        while isinstance(src, fx.Node):
+            kind = activation_kind(gm, src)
+            if kind is not None and act is None:
+                act = kind
+            elif keep == "range" and kind is None and _passes_range(gm, src):
+                pass
+            elif keep == "mean" and kind is None and op_kind(gm, src) in _MEAN_KEEPING:
+                pass
+            else:
+                break
+            ops.append(kind or op_kind(gm, src) or "pass")
+            src = src.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_module":
+            found[node.target] = Source(src.target, act, tuple(reversed(ops)))
+    return found
+
+
+def relu6_to_relu(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replaces every ReLU6 (``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``F.relu6``: what
+    ``activation_kind`` calls "relu6") by ReLU, in place where possible.
+
+    Modules are swapped in place. Functional calls can only be changed in the traced graph, so a
+    model with any ``F.relu6`` comes back as a ``torch.fx.GraphModule`` (same module names).
+    Returns (model, number of call sites changed). An untraceable model has its modules swapped
+    and the count is the number of modules.
+    """
+    try:
+        gm = trace(model)
+    except TraceError:
+        gm = None
+    n_sites, functional = 0, []
+    if gm is not None:
+        for node in gm.graph.nodes:
+            if activation_kind(gm, node) == "relu6":
+                n_sites += 1
+                if node.op == "call_function":
+                    functional.append(node)
+    out = gm if functional else model
+    targets = [
+        n for n, m in out.named_modules(remove_duplicate=False)
+        if n and (isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0)))
+    ]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        old = out.get_submodule(name)
+        setattr(out.get_submodule(parent) if parent else out, child, nn.ReLU(inplace=old.inplace))
+    if gm is None:
+        n_sites = len(targets)
+    if functional:
+        for node in functional:
+            inplace = _arg(node, 1, "inplace", False)
+            node.target, node.args, node.kwargs = F.relu, node.args[:1], {"inplace": inplace}
+        gm.graph.lint()
+        gm.recompile()
+    return out, n_sites
+
+
+__all__ = [
+    "LeafTracer", "TraceError", "trace", "conv_bn_pairs", "bn_producers", "activation_kind",
+    "Link", "equalization_links", "Source", "input_sources", "op_kind", "relu6_to_relu",
+]

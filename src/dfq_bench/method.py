@@ -7,7 +7,8 @@ need in ``QuantContext``; a method never loads data or files itself.
 
 Most methods only change one step of the standard pipeline, so ``Method.quantize`` is a template:
 copy (+ fold BN) -> ``transform`` -> plan layers -> ``round_weights`` -> ``after_weights`` ->
-activation ranges. Override the step you change; GENIE-style reconstruction overrides ``quantize``.
+activation ranges (``calibrate``). Override the step you change; GENIE-style reconstruction
+overrides ``quantize``.
 """
 
 from __future__ import annotations
@@ -71,9 +72,7 @@ class Method:
         rule = self.act_range(ctx)
         ctx.info["act_range"] = rule if ctx.abits is not None else None
         if ctx.abits is not None:
-            ctx.info.update(
-                calibrate_activations(qmodel, plans, rule, ctx.protocol, ctx.calib, float_model=model)
-            )
+            ctx.info.update(self.calibrate(qmodel, plans, rule, model, ctx))
         return qmodel
 
     def transform(self, qmodel: nn.Module, ctx: QuantContext) -> nn.Module:
@@ -86,3 +85,9 @@ class Method:
 
     def after_weights(self, qmodel: nn.Module, plans: list[LayerPlan], ctx: QuantContext) -> None:
         """Hook after weights are quantized (e.g. bias correction)."""
+
+    def calibrate(self, qmodel: nn.Module, plans: list[LayerPlan], rule: str, model: nn.Module,
+                  ctx: QuantContext) -> dict:
+        """Activation ranges (the last step); returns counts for the row. ``model`` is the float
+        model whose BN statistics the ``bn`` rule reads (DFQ passes its rescaled ones instead)."""
+        return calibrate_activations(qmodel, plans, rule, ctx.protocol, ctx.calib, float_model=model)

@@ -81,6 +81,7 @@ def calibrate_activations(
     protocol,
     batches: list[Tensor] | None,
     float_model: nn.Module | None = None,
+    bn_sources: dict | None = None,
 ) -> dict:
     """Puts an ``ActQuant`` in front of every layer the plan gives input bits, and sets its range.
 
@@ -88,13 +89,20 @@ def calibrate_activations(
         rule: a ``RANGE_RULES`` name.
         batches: calibration inputs (needed unless every quantized input has a BN rule range).
         float_model: the unfolded float model, for the ``bn`` rule's BN statistics.
+        bn_sources: ``{layer name: (BN-like object with .weight/.bias, activation kind)}`` for the
+            ``bn`` rule, used instead of tracing ``float_model`` (DFQ passes the BN statistics as
+            its equalization and bias absorption rescaled them).
 
     Returns:
         Counts for the result row: quantizers set by BN statistics and by data.
     """
     rule_cls = RANGE_RULES.get(rule)
     wrapped = quant_layers(qmodel)
-    bn_src = bn_producers(float_model) if rule == "bn" and float_model is not None else {}
+    bn_src = {}
+    if rule == "bn" and bn_sources is not None:
+        bn_src = bn_sources
+    elif rule == "bn" and float_model is not None:
+        bn_src = bn_producers(float_model)
     observing, n_bn = [], 0
     for p in plans:
         if p.a_bits is None:
