@@ -9,6 +9,7 @@ from dfq_bench import (  # noqa: F401  (register datasets and generators)
 from dfq_bench.registry import METHODS
 
 METHOD_MODULES = {
+    "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
     "rtn": "dfq_bench.methods.rtn:RTN",
 }

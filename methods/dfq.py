@@ -1,0 +1,345 @@
+"""DFQ: data-free quantization through weight equalization and bias correction.
+
+Paper: M. Nagel, M. van Baalen, T. Blankevoort, M. Welling, "Data-Free Quantization Through Weight
+Equalization and Bias Correction", ICCV 2019. No official code; the method ships in Qualcomm's AIMET
+(github.com/quic/aimet, BSD-3-Clause) and has a PyTorch reimplementation (github.com/jakc4103/DFQ,
+MIT). Written from the equations in shared/docs/methods.md; no code was taken from either.
+
+Steps (each a config key, all on by default), in this order:
+1. ``relu6_to_relu``: every ReLU6 (module or ``F.relu6``) becomes ReLU, because equalization is not
+   valid through a clip. This changes the float function; the row counts the sites
+   (``n_relu6_to_relu``). Off: links through a ReLU6 are not equalized.
+2. BN folding (``quant.fold_bn``), always: DFQ needs it, so it folds even when
+   ``protocol.fold_bn`` is false (the row says ``dfq_fold: method``). The BN statistics are kept:
+   the folded conv's output channel c is N(beta_c, gamma_c^2) per DFQ's assumption.
+3. ``cle``: cross-layer equalization on every link found by tracing (``graph.equalization_links``:
+   conv/linear -> [ReLU, pooling, flatten] -> conv/linear, single users only). Per shared channel i,
+   s_i = sqrt(r1_i * r2_i) / r1_i; the producer's output channel i (and bias) is multiplied by s_i, the
+   consumer's input channel i divided by it. Depthwise and grouped convs are handled per channel
+   (a depthwise conv's input channel i is its kernel i). Pairs are swept in graph order until no
+   scale moves by more than ``cle_tol`` (``cle_max_iter`` sweeps at most); a conv -> dw -> conv
+   triplet thus converges to the cube-root balance. Computed in float64, written back once.
+4. ``bias_absorption``: on ReLU links whose producer had a BN, c = max(0, beta - ``absorb_n_std``*gamma)
+   (the BN statistics as CLE rescaled them) moves from the producer's bias into the consumer's bias
+   (+ W2 summed over its spatial dims, times c). Exact wherever the absorbed channels are ReLU-active.
+5. ``bias_correction``: for each quantized layer whose input comes from a BN (through an optional
+   ReLU/ReLU6, average pooling, flatten), E[x] is the rectified (clipped for ReLU6) Gaussian mean of
+   N(beta, gamma^2) and b <- b - (eps summed over spatial dims) @ E[x], eps = Q(W) - W on the layer's
+   actual grid (its planned bit width and the protocol's granularity).
+6. Activation ranges: the ``bn`` rule (beta +- 6|gamma| after ReLU, capped at 6 after ReLU6) fed
+   with the statistics after CLE and absorption (``Method.calibrate`` passes them as ``bn_sources``);
+   inputs without a BN source (residual adds, concatenations) fall back to min/max on the
+   calibration batches.
+
+Deviations and choices:
+- Channel range for CLE: ``cle_range=absmax`` (max |w| of the channel, as the paper's symmetric
+  ranges and AIMET) by default; ``minmax`` (max - min, as torch.ao.quantization._equalize) optional.
+- A dead channel (zero range on either side) keeps s = 1.
+- Absorption into a consumer with zero padding (3x3 depthwise) is inexact at the border pixels,
+  as in the paper and its reimplementations; bias correction likewise ignores padding.
+- Bias correction uses the float (equalized) weights' input statistics only: the shift that the
+  upstream layers' own quantization causes is not propagated (as in the paper's analytic version).
+- The reimplementation that hard-codes 8 bits in bias correction is not followed (the layer's own
+  bits are used). Biases stay in float (the harness never quantizes biases).
+- Steps that do not apply (no BN, no link, untraceable model) are skipped and counted as zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from enum import Enum
+from types import SimpleNamespace
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from torch import Tensor, nn
+
+from dfq_bench.graph import BATCHNORM, Link, TraceError, conv_bn_pairs, equalization_links, input_sources
+from dfq_bench.graph import relu6_to_relu as replace_relu6
+from dfq_bench.method import Method, QuantContext
+from dfq_bench.observers import calibrate_activations
+from dfq_bench.quant import Grid, LayerPlan, fold_bn
+
+log = logging.getLogger(__name__)
+
+
+class CleRange(str, Enum):
+    absmax = "absmax"
+    minmax = "minmax"
+
+
+# ---- per-channel views of a Conv/Linear weight ------------------------------------------------
+
+
+def out_rows(w: Tensor) -> Tensor:
+    """(out channels, everything else)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def _groups(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Linear) else layer.groups
+
+
+def in_rows(layer: nn.Module, w: Tensor, channels: int) -> Tensor:
+    """(input channel, every weight that reads it). A Linear after a flatten reads ``k`` features
+    per channel (channel-major), so its channel i owns columns i*k .. (i+1)*k - 1."""
+    if isinstance(layer, nn.Linear):
+        k = w.shape[1] // channels
+        return w.reshape(w.shape[0], channels, k).transpose(0, 1).reshape(channels, -1)
+    g, ipg = _groups(layer), w.shape[1]
+    return w.reshape(g, w.shape[0] // g, ipg, -1).transpose(1, 2).reshape(g * ipg, -1)
+
+
+def scale_in(layer: nn.Module, w: Tensor, s: Tensor) -> Tensor:
+    """``w`` with every weight reading input channel i multiplied by s_i."""
+    if isinstance(layer, nn.Linear):
+        return w * s.repeat_interleave(w.shape[1] // s.numel())[None, :]
+    g, ipg, out = _groups(layer), w.shape[1], w.shape[0]
+    f = s.reshape(g, 1, ipg).expand(g, out // g, ipg).reshape(out, ipg, *([1] * (w.dim() - 2)))
+    return w * f
+
+
+def in_apply(layer: nn.Module, w: Tensor, v: Tensor) -> Tensor:
+    """Output of the layer (without bias) for a constant input: v_i everywhere in channel i."""
+    out = w.shape[0]
+    if isinstance(layer, nn.Linear):
+        return w.reshape(out, v.numel(), -1).sum(-1) @ v
+    g, ipg = _groups(layer), w.shape[1]
+    ws = w.reshape(out, ipg, -1).sum(-1)
+    vg = v.reshape(g, ipg)[torch.arange(out) // (out // g)]
+    return (ws * vg).sum(1)
+
+
+def channel_range(rows: Tensor, mode) -> Tensor:
+    if CleRange(mode) == CleRange.minmax:
+        return rows.amax(1) - rows.amin(1)
+    return rows.abs().amax(1)
+
+
+def _bcast(v: Tensor, w: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+# ---- cross-layer equalization and high-bias absorption -----------------------------------------
+
+
+@dataclass
+class CleResult:
+    iters: int
+    converged: bool
+    last_change: float  # max |s - 1| of the last sweep
+    scales: dict  # producer name -> total per-channel scale of its outputs (float64)
+
+
+def equalize(model: nn.Module, links: list[Link], tol: float = 1e-8, max_iter: int = 100,
+             mode=CleRange.absmax) -> CleResult:
+    """Cross-layer equalization of ``links`` in place, swept until max |s - 1| < ``tol``."""
+    mods = {n: model.get_submodule(n) for link in links for n in (link.producer, link.consumer)}
+    w = {n: m.weight.detach().double().clone() for n, m in mods.items()}
+    b = {n: m.bias.detach().double().clone() for n, m in mods.items() if m.bias is not None}
+    scales = {link.producer: torch.ones(w[link.producer].shape[0], dtype=torch.float64) for link in links}
+    iters, change = 0, 0.0
+    while links and iters < max_iter:
+        iters, change = iters + 1, 0.0
+        for link in links:
+            p, c = link.producer, link.consumer
+            r1 = channel_range(out_rows(w[p]), mode)
+            r2 = channel_range(in_rows(mods[c], w[c], r1.numel()), mode)
+            ok = (r1 > 0) & (r2 > 0)
+            s = torch.where(ok, torch.sqrt(r2 / torch.where(ok, r1, 1.0)), 1.0)
+            w[p] = w[p] * _bcast(s, w[p])
+            if p in b:
+                b[p] = b[p] * s
+            w[c] = scale_in(mods[c], w[c], 1.0 / s)
+            scales[p] *= s
+            change = max(change, float((s - 1).abs().max()))
+        if change < tol:
+            break
+    with torch.no_grad():
+        for n, m in mods.items():
+            m.weight.copy_(w[n].to(m.weight.dtype))
+            if n in b:
+                m.bias.copy_(b[n].to(m.bias.dtype))
+    return CleResult(iters, not links or change < tol, change, scales)
+
+
+def _add_bias(layer: nn.Module, delta: Tensor) -> None:
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(delta.to(layer.weight.dtype).clone())
+        else:
+            layer.bias.add_(delta.to(layer.bias.dtype))
+
+
+def absorb_high_bias(model: nn.Module, link: Link, mean: Tensor, std: Tensor, n_std: float) -> Tensor:
+    """Moves c = max(0, mean - n_std * std) from the producer's bias into the consumer's; returns c."""
+    prod, cons = model.get_submodule(link.producer), model.get_submodule(link.consumer)
+    c = torch.clamp(mean - n_std * std, min=0.0)
+    if prod.bias is None or not bool((c > 0).any()):
+        return torch.zeros_like(c)
+    _add_bias(prod, -c)
+    _add_bias(cons, in_apply(cons, cons.weight.detach().double(), c))
+    return c
+
+
+# ---- bias correction ---------------------------------------------------------------------------
+
+
+def clipped_gaussian_mean(mean: Tensor, std: Tensor, act: str | None) -> Tensor:
+    """E[f(x)] for x ~ N(mean, std^2) and f = identity, ReLU or ReLU6 (clip to [0, 6])."""
+    if act is None:
+        return mean
+    hi = 6.0 if act == "relu6" else math.inf
+    sd = torch.clamp(std, min=1e-12)
+    a = (0.0 - mean) / sd
+    pdf = lambda z: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf_a = torch.special.ndtr(a)
+    if math.isinf(hi):
+        return mean * (1 - cdf_a) + sd * pdf(a)
+    bz = (hi - mean) / sd
+    cdf_b = torch.special.ndtr(bz)
+    return hi * (1 - cdf_b) + mean * (cdf_b - cdf_a) + sd * (pdf(a) - pdf(bz))
+
+
+# ---- the method --------------------------------------------------------------------------------
+
+
+@dataclass
+class _FloatFacts:
+    """What DFQ reads from the unfolded float model before anything changes."""
+
+    bn_of: dict  # conv name -> name of the BN folded into it
+    stats: dict  # BN name -> (mean, std) of its output, float64; rescaled by CLE/absorption
+    range_src: dict  # layer -> graph.Source ending at a BN (the `bn` range rule's walk)
+    mean_src: dict  # layer -> graph.Source ending at a BN (mean-keeping walk, for bias correction)
+    traced: bool
+
+
+def float_facts(model: nn.Module) -> _FloatFacts:
+    stats = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BATCHNORM):
+            n = m.num_features
+            gamma = m.weight.detach().double() if m.affine else torch.ones(n, dtype=torch.float64)
+            beta = m.bias.detach().double() if m.affine else torch.zeros(n, dtype=torch.float64)
+            stats[name] = (beta.clone(), gamma.abs().clone())
+    try:
+        bn_of = dict(conv_bn_pairs(model))
+        range_src = {k: s for k, s in input_sources(model, "range").items() if s.name in stats}
+        mean_src = {k: s for k, s in input_sources(model, "mean").items() if s.name in stats}
+    except TraceError as e:
+        log.warning("DFQ: %s; only BN folding and RTN apply", e)
+        return _FloatFacts({}, stats, {}, {}, False)
+    return _FloatFacts(bn_of, stats, range_src, mean_src, True)
+
+
+class DFQ(Method):
+    name = "dfq"
+    version = "1"
+    default_act_range = "bn"
+
+    @dataclass
+    class Config:
+        name: str = MISSING
+        relu6_to_relu: bool = True
+        cle: bool = True
+        cle_tol: float = 1e-8  # stop when no scale moves by more than this in a sweep
+        cle_max_iter: int = 100  # sweeps at most
+        cle_range: CleRange = CleRange.absmax
+        bias_absorption: bool = True
+        absorb_n_std: float = 3.0
+        bias_correction: bool = True
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg if cfg is not None else OmegaConf.structured(self.Config(name="dfq")))
+        c = self.cfg
+        if not c.cle_tol > 0:
+            raise ValueError(f"method.cle_tol={c.cle_tol!r} is invalid; valid: a positive float")
+        if c.cle_max_iter < 1:
+            raise ValueError(f"method.cle_max_iter={c.cle_max_iter!r} is invalid; valid: an integer >= 1")
+        if not c.absorb_n_std >= 0:
+            raise ValueError(f"method.absorb_n_std={c.absorb_n_std!r} is invalid; valid: a float >= 0")
+        self._facts: _FloatFacts | None = None
+        self._eps: dict[str, Tensor] = {}
+
+    def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
+        self._facts, self._eps = float_facts(model), {}
+        try:
+            return super().quantize(model, ctx)
+        finally:
+            self._facts, self._eps = None, {}
+
+    def _act(self, act: str | None) -> str | None:
+        return "relu" if act == "relu6" and self.cfg.relu6_to_relu else act
+
+    def transform(self, qmodel: nn.Module, ctx: QuantContext) -> nn.Module:
+        cfg, facts, info = self.cfg, self._facts, ctx.info
+        info["n_relu6_to_relu"] = 0
+        if cfg.relu6_to_relu:
+            qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel)
+        n_fold = fold_bn(qmodel) if facts.traced else 0  # 0 when the protocol already folded
+        info["n_bn_folded"] = info.get("n_bn_folded", 0) + n_fold
+        info["dfq_fold"] = "protocol" if ctx.protocol.fold_bn else "method"
+        links = equalization_links(qmodel) if facts.traced else []
+        info.update(n_cle_pairs=0, cle_iters=0, cle_converged=None, n_absorbed=0, n_absorbed_channels=0)
+        if cfg.cle and links:
+            res = equalize(qmodel, links, cfg.cle_tol, cfg.cle_max_iter, cfg.cle_range)
+            for prod, s in res.scales.items():
+                bn = facts.bn_of.get(prod)
+                if bn is not None:
+                    mean, std = facts.stats[bn]
+                    facts.stats[bn] = (mean * s, std * s)
+            info.update(n_cle_pairs=len(links), cle_iters=res.iters, cle_converged=res.converged)
+            if not res.converged:
+                log.warning("DFQ: CLE stopped after %d sweeps (max |s-1| = %.3g)", res.iters, res.last_change)
+        if cfg.bias_absorption:
+            for link in links:
+                bn = facts.bn_of.get(link.producer)
+                if link.act != "relu" or bn is None:
+                    continue
+                mean, std = facts.stats[bn]
+                c = absorb_high_bias(qmodel, link, mean, std, cfg.absorb_n_std)
+                if bool((c > 0).any()):
+                    facts.stats[bn] = (mean - c, std)
+                    info["n_absorbed"] += 1
+                    info["n_absorbed_channels"] += int((c > 0).sum())
+        return qmodel
+
+    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan) -> Tensor:
+        levels = grid.levels(w)
+        if self.cfg.bias_correction:
+            self._eps[plan.name] = (grid.dequant(levels) - w).detach().double()
+        return levels
+
+    def after_weights(self, qmodel: nn.Module, plans: list[LayerPlan], ctx: QuantContext) -> None:
+        ctx.info["n_bias_corrected"] = 0
+        if not self.cfg.bias_correction:
+            return
+        facts = self._facts
+        for p in plans:
+            src = facts.mean_src.get(p.name)
+            if src is None or p.name not in self._eps:
+                continue
+            mean, std = facts.stats[src.name]
+            layer, n = p.module, mean.numel()
+            fits = layer.in_features % n == 0 if isinstance(layer, nn.Linear) else layer.in_channels == n
+            if not fits:
+                continue
+            ex = clipped_gaussian_mean(mean, std, self._act(src.act))
+            _add_bias(layer, -in_apply(layer, self._eps[p.name], ex))
+            ctx.info["n_bias_corrected"] += 1
+
+    def bn_sources(self) -> dict:
+        """The `bn` range rule's inputs, with the statistics as CLE and absorption left them."""
+        out = {}
+        for layer, src in self._facts.range_src.items():
+            mean, std = self._facts.stats[src.name]
+            out[layer] = (SimpleNamespace(weight=std.float(), bias=mean.float()), self._act(src.act))
+        return out
+
+    def calibrate(self, qmodel: nn.Module, plans: list[LayerPlan], rule: str, model: nn.Module,
+                  ctx: QuantContext) -> dict:
+        return calibrate_activations(qmodel, plans, rule, ctx.protocol, ctx.calib, float_model=model,
+                                     bn_sources=self.bn_sources())
