@@ -12,6 +12,7 @@ METHOD_MODULES = {
     "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
     "rtn": "dfq_bench.methods.rtn:RTN",
+    "squant": "dfq_bench.methods.squant:Squant",
 }
 for _name, _target in METHOD_MODULES.items():
     METHODS.register_lazy(_name, _target)

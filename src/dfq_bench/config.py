@@ -149,10 +149,13 @@ def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
     """Merges a group node onto the plugin's ``Config`` dataclass: unknown keys and bad types fail."""
     schema = OmegaConf.structured(plugin.Config)
     try:
-        return OmegaConf.merge(schema, node)
+        merged = OmegaConf.merge(schema, node)
     except Exception as e:  # omegaconf's errors are multi-line; keep the first line
         first = str(e).splitlines()[0]
         raise ConfigError(f"{group}.{node.get('name')}: {first}") from None
+    if hasattr(plugin, "check_config"):  # values types cannot express (raises ConfigError)
+        plugin.check_config(merged)
+    return merged
 
 
 def identity_config(cfg: DictConfig) -> dict:
