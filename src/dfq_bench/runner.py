@@ -184,7 +184,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed,
         "protocol": OmegaConf.to_container(cfg.protocol, enum_to_str=True),
         "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
-        "data": None, "weights": None,
+        "data": None, "data_info": None, "weights": None,
         "top1": None, "top5": None, "top1_fp32": None, "top5_fp32": None, "delta_top1": None,
         "agree_fp32": None, "kl_fp32": None, "n_eval": None,
         "t_synth_s": 0.0, "t_quant_s": None, "t_eval_s": None, "t_eval_fp32_s": None,
@@ -213,6 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             t0 = time.perf_counter()
             ctx.calib = gen.generate(gen_cfg, model, built.input_size, cfg.seed, cfg.device, bundle)
             row["t_synth_s"] = time.perf_counter() - t0
+            row["data_info"] = getattr(ctx.calib, "info", None)  # e.g. cache hit, generation time
         t0 = time.perf_counter()
         qmodel = method.quantize(model, ctx)
         row["t_quant_s"] = time.perf_counter() - t0
