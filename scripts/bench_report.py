@@ -1,0 +1,112 @@
+"""Times the reporter on synthetic rows shaped like the runner's (target: <= 10 s for 100,000 rows).
+
+    python scripts/bench_report.py [--rows 100000] [--repeats 3]
+
+Writes a runs.jsonl of ``--rows`` rows (5 methods x 9 bit-widths x 3 models x as many seeds as it
+takes; 1% failed rows, 1% reruns of earlier run_ids, one corrupt line), then runs
+``python -m dfq_bench.report`` on it in a subprocess (so interpreter start and imports count, as for a
+user), tables only and tables + plots, and prints the median wall time of ``--repeats`` runs each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("rtn", "squant", "dfq", "zeroq", "genie")
+BITS = [(2, None), (3, None), (4, None), (6, None), (8, None), (4, 4), (4, 8), (6, 6), (8, 8)]
+T_QUANT = {"rtn": 0.02, "squant": 0.1, "dfq": 0.05, "zeroq": 30.0, "genie": 3000.0}
+MODELS = ("resnet20_fmnist", "mobilenetv2_fmnist", "vgg_fmnist")
+PROTOCOL = {"a_granularity": "per_tensor", "a_symmetric": False, "act_range": None, "first_wbits": 8,
+            "fold_bn": True, "last_abits": 8, "last_wbits": 8, "name": "common", "percentile": 99.99,
+            "quantize_first_input": False, "w_granularity": "per_channel", "w_symmetric": False}
+
+
+def synthetic_row(i: int, rng: random.Random) -> dict:
+    method = METHODS[i % len(METHODS)]
+    wbits, abits = BITS[(i // len(METHODS)) % len(BITS)]
+    model = MODELS[(i // (len(METHODS) * len(BITS))) % len(MODELS)]
+    seed = i // (len(METHODS) * len(BITS) * len(MODELS))
+    fp32 = 91.0 + MODELS.index(model)
+    top1 = max(10.0, fp32 - 40.0 / (wbits + (abits or 16) / 4) + rng.gauss(0, 0.3))
+    failed = rng.random() < 0.01
+    return {
+        "run_id": f"{i:016x}", "status": "failed" if failed else "ok",
+        "error": "RuntimeError: synthetic failure" if failed else None,
+        "method": method, "method_version": "1", "model": model, "dataset": "fashion_mnist",
+        "wbits": wbits, "abits": abits, "seed": seed, "protocol": PROTOCOL, "method_cfg": {"name": method},
+        "data": {"name": "noise", "num_samples": 256, "batch_size": 256, "dist": "uniform"} if abits else None,
+        "weights": f"sha256:{MODELS.index(model):064x}", "dataset_info": {"limit": None},
+        "top1": None if failed else top1, "top5": None if failed else min(100.0, top1 + 5),
+        "top1_fp32": None if failed else fp32, "top5_fp32": None if failed else 99.5,
+        "delta_top1": None if failed else top1 - fp32, "agree_fp32": None if failed else 95.0,
+        "kl_fp32": None if failed else 0.01, "n_eval": 10000, "t_synth_s": 0.01,
+        "t_quant_s": T_QUANT[method] * rng.uniform(0.8, 1.25),
+        "t_eval_s": 2.0, "t_eval_fp32_s": 1.5, "t_total_s": 5.0, "peak_rss_mb": 700.0,
+        "git_sha": "0" * 40, "git_dirty": False, "versions": {"python": "3.11.7", "torch": "2.14.1"},
+        "device_name": "Intel(R) Xeon(R) Processor", "started_at": "2026-01-01T00:00:00+00:00",
+        "run_dir": f"/tmp/multirun/{i}", "eval_cache": "hit", "n_layers": 20, "n_bn_folded": 19,
+        "act_range": "minmax" if abits else None,
+    }
+
+
+def write_rows(path: Path, n: int) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        n_new = n - n // 100
+        for i in range(n_new):
+            f.write(json.dumps(synthetic_row(i, rng), sort_keys=True) + "\n")
+            if i == n_new // 2:
+                f.write('{"run_id": "torn\n')
+        for _ in range(n - n_new):  # reruns of earlier run_ids: the last ok row must win
+            f.write(json.dumps(synthetic_row(rng.randrange(n_new), rng), sort_keys=True) + "\n")
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall s, CPU s of the child): on a shared machine the CPU time is the steadier figure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def median_of(cmd: list[str], repeats: int) -> tuple[float, float]:
+    runs = [timed(cmd) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(tmp) / "runs.jsonl"
+        write_rows(runs, args.rows)
+        size_mb = runs.stat().st_size / 1e6
+        base = [sys.executable, "-m", "dfq_bench.report", str(runs), "--out", str(Path(tmp) / "out")]
+        load_before = os.getloadavg()[0]
+        startup = median_of([sys.executable, "-c", "import dfq_bench.report"], args.repeats)
+        tables = median_of([*base, "--no-plots"], args.repeats)
+        full = median_of(base, args.repeats)
+    print(f"reporter on {args.rows} rows ({size_mb:.0f} MB runs.jsonl), median of {args.repeats}; "
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"  {'':26s}{'wall':>8s}{'CPU':>8s}  wall / 10 s target")
+    for name, (wall, cpu) in (("interpreter + import only", startup), ("tables only", tables),
+                              ("tables + plots", full)):
+        print(f"  {name:26s}{wall:7.2f}s{cpu:7.2f}s  {wall / 10.0:.2f}")
+
+
+if __name__ == "__main__":
+    main()
