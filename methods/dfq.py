@@ -133,36 +133,88 @@ class CleResult:
     scales: dict  # producer name -> total per-channel scale of its outputs (float64)
 
 
+class _ScaledLayer:
+    """A layer's weight as W[o, i] * s_out[o] / s_in[i], with the per-(o, i) max (and min) over the
+    remaining dims (kernel positions, or the k features of a channel after a flatten) computed once,
+    so a sweep costs O(out x in) and the weights are rescaled only once at the end (in float64)."""
+
+    def __init__(self, layer: nn.Module, n_in: int, mode):
+        self.layer = layer
+        w = layer.weight.detach().double()
+        out = w.shape[0]
+        if isinstance(layer, nn.Linear):
+            self.g, w3 = 1, w.reshape(out, n_in, -1)
+        else:
+            self.g, w3 = layer.groups, w.reshape(out, w.shape[1], -1)
+        self.ipg, self.opg = w3.shape[1], out // self.g
+        if CleRange(mode) == CleRange.minmax:
+            self.mx, self.mn = w3.amax(-1), w3.amin(-1)
+        else:
+            self.mx, self.mn = w3.abs().amax(-1), None
+        self.row_group = torch.arange(out) // self.opg
+        self.s_out = torch.ones(out, dtype=torch.float64)
+        self.s_in = torch.ones(self.g * self.ipg, dtype=torch.float64)
+
+    def out_range(self) -> Tensor:
+        t = 1.0 / self.s_in.reshape(self.g, self.ipg)[self.row_group]
+        r = (self.mx * t).amax(1)
+        if self.mn is not None:
+            r = r - (self.mn * t).amin(1)
+        return r * self.s_out
+
+    def in_range(self) -> Tensor:
+        u = self.s_out[:, None]
+        r = (self.mx * u).reshape(self.g, self.opg, self.ipg).amax(1).reshape(-1)
+        if self.mn is not None:
+            r = r - (self.mn * u).reshape(self.g, self.opg, self.ipg).amin(1).reshape(-1)
+        return r / self.s_in
+
+    def write_back(self) -> None:
+        m = self.layer
+        w = m.weight.detach().double()
+        w = scale_in(m, w * _bcast(self.s_out, w), 1.0 / self.s_in)
+        with torch.no_grad():
+            m.weight.copy_(w.to(m.weight.dtype))
+            if m.bias is not None:
+                m.bias.copy_((m.bias.detach().double() * self.s_out).to(m.bias.dtype))
+
+
 def equalize(model: nn.Module, links: list[Link], tol: float = 1e-8, max_iter: int = 100,
              mode=CleRange.absmax) -> CleResult:
-    """Cross-layer equalization of ``links`` in place, swept until max |s - 1| < ``tol``."""
-    mods = {n: model.get_submodule(n) for link in links for n in (link.producer, link.consumer)}
-    w = {n: m.weight.detach().double().clone() for n, m in mods.items()}
-    b = {n: m.bias.detach().double().clone() for n, m in mods.items() if m.bias is not None}
-    scales = {link.producer: torch.ones(w[link.producer].shape[0], dtype=torch.float64) for link in links}
+    """Cross-layer equalization of ``links`` in place, swept in order until max |s - 1| < ``tol``.
+
+    Per link and shared channel i: r1_i = range of the producer's output channel i, r2_i = range of
+    the consumer's input channel i (all weights reading it), s_i = sqrt(r2_i / r1_i) (1 for a dead
+    channel); the producer's channel i is multiplied by s_i, the consumer's input i divided by it.
+    """
+    n_in = {link.consumer: _channels(model.get_submodule(link.producer)) for link in links}
+    layers = {}
+    for link in links:
+        for name in (link.producer, link.consumer):
+            if name not in layers:
+                m = model.get_submodule(name)
+                layers[name] = _ScaledLayer(m, n_in.get(name, m.weight.shape[1]), mode)
     iters, change = 0, 0.0
     while links and iters < max_iter:
         iters, change = iters + 1, 0.0
         for link in links:
-            p, c = link.producer, link.consumer
-            r1 = channel_range(out_rows(w[p]), mode)
-            r2 = channel_range(in_rows(mods[c], w[c], r1.numel()), mode)
+            p, c = layers[link.producer], layers[link.consumer]
+            r1, r2 = p.out_range(), c.in_range()
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r2 / torch.where(ok, r1, 1.0)), 1.0)
-            w[p] = w[p] * _bcast(s, w[p])
-            if p in b:
-                b[p] = b[p] * s
-            w[c] = scale_in(mods[c], w[c], 1.0 / s)
-            scales[p] *= s
+            p.s_out *= s
+            c.s_in *= s
             change = max(change, float((s - 1).abs().max()))
         if change < tol:
             break
-    with torch.no_grad():
-        for n, m in mods.items():
-            m.weight.copy_(w[n].to(m.weight.dtype))
-            if n in b:
-                m.bias.copy_(b[n].to(m.bias.dtype))
+    for layer in layers.values():
+        layer.write_back()
+    scales = {link.producer: layers[link.producer].s_out for link in links}
     return CleResult(iters, not links or change < tol, change, scales)
+
+
+def _channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
 def _add_bias(layer: nn.Module, delta: Tensor) -> None:
