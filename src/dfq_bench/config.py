@@ -91,6 +91,7 @@ class Config:
     eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see evalcache.py
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
+    deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy.py); null = off
 
 
 def register_configs() -> None:
@@ -131,6 +132,8 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if not 50.0 < p.percentile <= 100.0:
         raise ConfigError(f"protocol.percentile={p.percentile!r} is invalid; valid: (50, 100]")
+    if cfg.get("deploy") is not None:
+        _check_deploy(cfg.deploy)
     from dfq_bench.observers import RANGE_RULES
 
     if p.act_range is not None:
@@ -143,6 +146,19 @@ def validate_config(cfg: DictConfig) -> None:
     DATASETS.get(cfg.dataset.name)
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
+
+
+DEPLOY_TARGETS = ("onnxruntime",)
+
+
+def _check_deploy(value: Any) -> None:
+    if value not in DEPLOY_TARGETS:
+        raise ConfigError(f"deploy={value!r} is invalid; valid: {', '.join(DEPLOY_TARGETS)} or null")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ConfigError("deploy=onnxruntime needs onnx and onnxruntime: pip install -e '.[deploy]'") from None
 
 
 def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
@@ -165,4 +181,6 @@ def identity_config(cfg: DictConfig) -> dict:
         d.pop(key, None)
     if d.get("paper") is None:  # keeps the run_ids of runs without an overlay unchanged
         d.pop("paper", None)
+    if d.get("deploy") is None:  # likewise for runs without the deployed-integer check
+        d.pop("deploy", None)
     return d
