@@ -37,7 +37,7 @@ class ModelConfig:
 class DatasetConfig:
     name: str = MISSING
     root: str | None = None
-    limit: int | None = None  # evaluate on the first `limit` images only (recorded in the row)
+    limit: int | None = None  # evaluate `limit` images spread evenly over the split (recorded in the row)
     batch_size: int = 256
     num_workers: int = 0
     num_samples: int = 512  # synthetic `fake` dataset only
