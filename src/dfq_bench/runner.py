@@ -234,6 +234,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             cache.save(FP32Outputs(torch.cat([r[0] for r in record]), torch.cat([r[1] for r in record]),
                                    row["t_eval_fp32_s"]))
         row["delta_top1"] = row["top1"] - row["top1_fp32"]
+        if cfg.get("deploy"):  # deployed-integer check (deploy.py); an export error fails the row
+            from dfq_bench.deploy import deployed_check
+
+            row.update(deployed_check(model, qmodel, bundle.loader, example,
+                                      None if run_dir is None else Path(run_dir) / "deploy"))
         row["status"] = "ok"
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
