@@ -226,6 +226,7 @@ class _GraphBuilder:
         self.skip: set[fx.Node] = set()  # activations dropped in front of a requantizing quantizer
         self.requant: dict[fx.Node, tuple[fx.Node, ActParams]] = {}
         self.stats = {"n_quant_layers": 0, "n_requantized": 0, "n_conv_integer": 0, "n_float_layers": 0}
+        self.act_levels: dict[str, str] = {}  # layer -> name of its uint8 input levels
 
     # -- naming and emission
     def fresh(self, base: str) -> str:
@@ -322,6 +323,7 @@ class _GraphBuilder:
         if ql.act_quant is not None and ql.act_quant.state != "off":
             p = act_params(name, ql.act_quant)
             xq, x = self.quantize(src, p, x, name)
+            self.act_levels[name] = xq
         if ql.w_bits is None:
             self.stats["n_float_layers"] += 1
             return self.float_layer(node, layer, x)
@@ -385,9 +387,8 @@ class _GraphBuilder:
         xz = self.const(f"{name}.x_zero_point_ci", np.uint8(p.zero_point))
         shifted = levels.astype(np.int32) - zp
         if shifted.min() >= -128 and shifted.max() <= 127:
-            acc = self.op("ConvInteger", [xq, self.const(f"{name}.w_q", shifted.astype(np.int8)), xz],
+            acc = self.op("ConvInteger", [xq, self.const(f"{name}.w_q_shifted", shifted.astype(np.int8)), xz],
                           f"{name}.acc", **attrs)
-            self.const(f"{name}.w_zero_point_folded", w_zp)  # kept so the file still holds the grid
         else:
             acc = self.op("ConvInteger", [xq, self.const(f"{name}.w_q", levels), xz], f"{name}.acc0", **attrs)
             groups = attrs["group"]
@@ -397,7 +398,9 @@ class _GraphBuilder:
             corr = self.op("Mul", [box, self.const(f"{name}.w_zero_point_i32",
                                                    w_zp.astype(np.int32).reshape(bshape))], f"{name}.zp_corr")
             acc = self.op("Sub", [acc, corr], f"{name}.acc")
+        # the grid itself, unused by the nodes above, so that every layer's file record is the same
         self.const(f"{name}.w_scale", w_scale)
+        self.const(f"{name}.w_zero_point", w_zp)
         scale = (np.float32(p.scale) * w_scale).astype(np.float32)
         if bias is not None:
             b = _int32_bias(name, bias, scale, out_ch).reshape(bshape)
@@ -568,6 +571,7 @@ class Exported:
     n_requantized: int  # of those, written to fuse into QLinearConv/QGemm with integer output
     n_conv_integer: int  # written as ConvInteger + rescale (output not requantized in the simulation)
     n_float_layers: int  # Conv/Linear computed in float (float weights or float input)
+    act_levels: dict[str, str]  # quantized layer -> graph value holding its uint8 input levels
 
 
 def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, conv_integer: bool = True,
@@ -596,12 +600,12 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | Path, conv
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
-    return Exported(path, **builder.stats)
+    return Exported(path, **builder.stats, act_levels=builder.act_levels)
 
 
 def read_weight_levels(path: str | Path) -> dict[str, np.ndarray]:
-    """Integer weight levels per layer as stored in an exported file (ConvInteger layers store
-    levels minus zero-point, added back here)."""
+    """Integer weight levels per layer as stored in an exported file (``<layer>.w_q``; a
+    ConvInteger layer may store ``<layer>.w_q_shifted`` = levels - zero-point, added back here)."""
     onnx = _require_onnx()
     from onnx import numpy_helper
 
@@ -609,12 +613,11 @@ def read_weight_levels(path: str | Path) -> dict[str, np.ndarray]:
     out = {}
     for name, arr in inits.items():
         if name.endswith(".w_q"):
-            layer = name[: -len(".w_q")]
-            levels = arr.astype(np.int32)
-            folded = inits.get(f"{layer}.w_zero_point_folded")
-            if folded is not None:
-                levels = levels + folded.astype(np.int32).reshape((-1,) + (1,) * (levels.ndim - 1))
-            out[layer] = levels
+            out[name[: -len(".w_q")]] = arr.astype(np.int32)
+        elif name.endswith(".w_q_shifted"):
+            layer = name[: -len(".w_q_shifted")]
+            zp = inits[f"{layer}.w_zero_point"].astype(np.int32)
+            out[layer] = arr.astype(np.int32) + zp.reshape((-1,) + (1,) * (arr.ndim - 1))
     return out
 
 
