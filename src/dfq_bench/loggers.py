@@ -40,8 +40,8 @@ def log_row(lcfg, row: dict) -> None:
     """Sends ``row`` to the logger named by ``lcfg.name`` (``none``: nothing)."""
     if lcfg is None or lcfg.get("name", "none") == "none":
         return
-    if lcfg.name != "wandb":
-        log.warning("logger.name=%r is unknown; valid: none, wandb (row not mirrored)", lcfg.name)
+    if lcfg.get("name") != "wandb":
+        log.warning("logger.name=%r is unknown; valid: none, wandb (row not mirrored)", lcfg.get("name"))
         return
     try:
         bits = f"W{row['wbits']}A{row['abits'] if row['abits'] is not None else 32}"

@@ -33,11 +33,18 @@ def check_writable(results_dir: str | Path) -> Path:
 
 
 def append_row(results_dir: str | Path, row: dict) -> None:
-    """Appends ``row`` as one line, flushed and fsynced under an exclusive lock."""
+    """Appends ``row`` as one line, flushed and fsynced under an exclusive lock.
+
+    If the file does not end with a newline (a writer killed in the middle of its line), the row
+    starts on a new line, so the torn line stays one corrupt line and does not swallow this row.
+    """
     line = json.dumps(row, sort_keys=True, default=str) + "\n"
-    with open(Path(results_dir) / RUNS_FILE, "a", encoding="utf-8") as f:
+    with open(Path(results_dir) / RUNS_FILE, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            size = os.fstat(f.fileno()).st_size
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                line = "\n" + line
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

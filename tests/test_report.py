@@ -1,0 +1,176 @@
+"""The reporter: dedup of reruns, pooling over seeds, variants, deltas, failed runs, corrupt lines,
+byte-for-byte determinism, the committed reference tables, and wandb (offline)."""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dfq_bench import report
+from dfq_bench.results import append_row
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = {"name": "common", "fold_bn": True, "first_wbits": 8}
+PAPER_PROTO = {"name": "squant_paper", "fold_bn": False, "first_wbits": None}
+
+
+def make_row(run_id, method="rtn", wbits=4, abits=4, seed=0, top1=50.0, fp32=60.0, status="ok", **kw):
+    row = {
+        "run_id": run_id, "status": status, "error": None if status == "ok" else "RuntimeError: boom | x\nmore",
+        "method": method, "method_version": "1", "model": "net_a", "dataset": "ds_1", "wbits": wbits,
+        "abits": abits, "seed": seed, "protocol": COMMON, "method_cfg": {"name": method},
+        "data": {"name": "noise", "num_samples": 8} if abits is not None else None, "weights": "w0",
+        "n_eval": 100, "top1": top1 if status == "ok" else None, "top5": None if status != "ok" else top1 + 10,
+        "top1_fp32": fp32 if status == "ok" else None, "delta_top1": 999.0,  # the reporter recomputes it
+        "agree_fp32": 90.0, "kl_fp32": 0.1, "t_quant_s": 0.5, "t_synth_s": 0.0, "t_total_s": 1.0,
+    }
+    row.update(kw)
+    return row
+
+
+def write(path: Path, rows, corrupt_after=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(rows):
+        append_row(path.parent, r)
+        if corrupt_after == i:
+            with open(path, "a") as f:
+                f.write('{"run_id": "torn", "top1": 1\n')
+
+
+@pytest.fixture
+def runs(tmp_path):
+    rows = []
+    # rtn W4A4: 3 seeds; the seed-2 run first failed, then succeeded (the ok row must win)
+    rows.append(make_row("rtn-4-4-2", seed=2, status="failed"))
+    for seed, top1 in enumerate([50.0, 52.0, 57.0]):
+        rows.append(make_row(f"rtn-4-4-{seed}", seed=seed, top1=top1))
+    # rtn W4A32 (weight-only): one seed; an earlier ok row of the same run_id is replaced by the later one
+    rows.append(make_row("rtn-4-w", abits=None, top1=10.0))
+    rows.append(make_row("rtn-4-w", abits=None, top1=58.0))
+    # rtn W2A32 and W8A8: ordering of the columns
+    rows.append(make_row("rtn-2-w", wbits=2, abits=None, top1=20.0))
+    rows.append(make_row("rtn-8-8", wbits=8, abits=8, top1=59.5))
+    # squant under two protocols at W4A4: two variants, not pooled
+    rows.append(make_row("sq-c", method="squant", top1=55.0))
+    rows.append(make_row("sq-p", method="squant", top1=54.0, protocol=PAPER_PROTO,
+                         paper={"source": "Paper T1", "fp32": 71.5, "top1": {"squant": {"W4A4": 56.25}}}))
+    # a run that only ever failed, and an ok run followed by a failed rerun (the ok row stands)
+    rows.append(make_row("zq-fail", method="zeroq", status="failed"))
+    rows.append(make_row("rtn-8-8", wbits=8, abits=8, status="failed"))
+    path = tmp_path / "in" / "runs.jsonl"
+    write(path, rows, corrupt_after=3)
+    return path
+
+
+def summary_rows(out: Path):
+    with open(out / "summary.csv", newline="") as f:
+        return {(r["variant"], r["bits"]): r for r in csv.DictReader(f)}
+
+
+def test_pooling_dedup_deltas_variants_and_failures(runs, tmp_path):
+    rows, written = report.report([runs], tmp_path / "out", make_plots=False)
+    out = tmp_path / "out"
+    assert len(rows.ok) == 8 and [r["run_id"] for r in rows.failed] == ["zq-fail"]
+    assert rows.n_superseded == 3  # failed-then-ok, ok-then-ok, ok-then-failed
+    assert rows.warnings == [f"{runs}:5: corrupt row skipped (Expecting ',' delimiter)"]
+    s = summary_rows(out)
+    cell = s[("rtn", "W4A4")]
+    vals = [50.0, 52.0, 57.0]
+    assert (int(cell["n"]), int(cell["n_seeds"])) == (3, 3)
+    assert float(cell["top1_mean"]) == pytest.approx(statistics.mean(vals), abs=1e-4)
+    assert float(cell["top1_std"]) == pytest.approx(statistics.stdev(vals), abs=1e-4)
+    assert float(cell["delta_top1_mean"]) == pytest.approx(statistics.mean(vals) - 60.0, abs=1e-4)
+    assert float(s[("rtn", "W4A32")]["top1_mean"]) == 58.0 and s[("rtn", "W4A32")]["top1_std"] == ""
+    assert float(s[("rtn", "W8A8")]["top1_mean"]) == 59.5
+    # squant's two protocols are two variants named by the protocol preset
+    assert float(s[("squant protocol=common", "W4A4")]["top1_mean"]) == 55.0
+    paper = s[("squant protocol=squant_paper", "W4A4")]
+    assert (float(paper["paper_top1"]), float(paper["ours_minus_paper"])) == (56.25, -2.25)
+    md = (out / "tables.md").read_text()
+    assert "| rtn | 60.00 | 20.00 (1) | 58.00 (1) | 53.00 ± 3.61 (3) | 59.50 (1) |" in md
+    assert "| method | FP32 | W2A32 | W4A32 | W4A4 | W8A8 |" in md
+    assert "| squant protocol=squant_paper | W4A4 | 54.00 (1) | 56.25 | -2.25 | 60.00 | 71.50 | Paper T1 |" in md
+    assert "| zq-fail | net_a | ds_1 | zeroq | W4A4 | 0 | RuntimeError: boom \\| x |" in md
+    assert "rtn-8-8" not in md  # its failed rerun is superseded by the ok row
+    tex = (out / "tables.tex").read_text()
+    assert r"net\_a" in tex and r"53.00$\pm$3.61" in tex and r"squant protocol=squant\_paper" in tex
+    with open(out / "failed.csv", newline="") as f:
+        assert [r["run_id"] for r in csv.DictReader(f)] == ["zq-fail"]
+
+
+def test_output_is_byte_for_byte_deterministic(runs, tmp_path):
+    report.report([runs], tmp_path / "a")
+    report.report([runs], tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert {"acc_vs_bits__net_a__ds_1.png", "acc_vs_time__net_a__ds_1.pdf", "tables.md"} <= set(files)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    pdf = (tmp_path / "a" / "acc_vs_bits__net_a__ds_1.pdf").read_bytes()
+    png = (tmp_path / "a" / "acc_vs_bits__net_a__ds_1.png").read_bytes()
+    assert b"CreationDate" not in pdf and b"Matplotlib" not in pdf
+    assert png.startswith(b"\x89PNG") and b"Software" not in png and b"matplotlib" not in png.lower()
+
+
+def test_cli_warns_about_corrupt_lines_and_goes_on(runs, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dfq_bench.report", str(runs), "--out", str(tmp_path / "o"),
+                          "--no-plots"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {runs}:5: corrupt row skipped" in res.stderr
+    assert "8 finished runs, 1 failed, 3 superseded rows" in res.stdout
+    assert (tmp_path / "o" / "tables.md").exists() and not list((tmp_path / "o").glob("*.png"))
+    bad = subprocess.run([sys.executable, "-m", "dfq_bench.report", str(tmp_path / "nope.jsonl"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {str(tmp_path / 'nope.jsonl')!r} is not a file; valid: a runs.jsonl written by dfq_bench"]
+
+
+def test_several_files_later_ones_win(tmp_path):
+    write(tmp_path / "a" / "runs.jsonl", [make_row("x", top1=10.0), make_row("y", seed=1, top1=30.0)])
+    write(tmp_path / "b" / "runs.jsonl", [make_row("x", top1=20.0)])
+    report.report([tmp_path / "a" / "runs.jsonl", tmp_path / "b" / "runs.jsonl"], tmp_path / "o", make_plots=False)
+    cell = summary_rows(tmp_path / "o")[("rtn", "W4A4")]
+    assert float(cell["top1_mean"]) == 25.0 and cell["n"] == "2"  # x=20 (later file) and y=30
+
+
+REFERENCE = REPO / "results" / "reference"
+
+
+@pytest.mark.skipif(not (REFERENCE / "runs.jsonl").exists(), reason="no committed reference sweep yet")
+def test_committed_reference_tables_are_reproduced_byte_for_byte(tmp_path):
+    report.report([REFERENCE / "runs.jsonl"], tmp_path, make_plots=False)
+    for name in ("tables.md", "tables.tex", "summary.csv", "failed.csv"):
+        assert (tmp_path / name).read_bytes() == (REFERENCE / name).read_bytes(), name
+
+
+def test_wandb_offline_logs_every_row_field_and_the_plots(runs, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from dfq_bench.loggers import flatten, log_report, log_row
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    row = make_row("wb-1", top1=12.3456)
+    log_row({"name": "wandb", "project": "dfq_test", "tags": ["t"]}, row)
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    blob = run_files[0].read_bytes()  # wandb's offline record log: protobuf, strings stored plainly
+    for key, value in flatten(row).items():
+        assert key.encode() in blob, key
+        if isinstance(value, str):
+            assert value.split("\n")[0].encode() in blob, key
+    assert b"12.3456" in blob and b"wb-1" in blob
+
+    report.report([runs], tmp_path / "rep")
+    log_report(tmp_path / "rep", project="dfq_test")
+    images = (tmp_path / "wandb").glob("offline-run-*/files/media/images/**/*.png")
+    media = sorted(p.name.split("__")[0] for p in images)
+    assert media == ["acc_vs_bits", "acc_vs_time"]  # the one (model, dataset) of the rows
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/summary_*.table.json")
+    with open(tmp_path / "rep" / "summary.csv", newline="") as f:
+        expected = list(csv.reader(f))
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == expected[0] and len(logged["data"]) == len(expected) - 1
