@@ -11,8 +11,10 @@ from dfq_bench.registry import METHODS
 METHOD_MODULES = {
     "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
+    "genie": "dfq_bench.methods.genie:Genie",
     "rtn": "dfq_bench.methods.rtn:RTN",
     "squant": "dfq_bench.methods.squant:Squant",
+    "zeroq": "dfq_bench.methods.zeroq:ZeroQ",
 }
 for _name, _target in METHOD_MODULES.items():
     METHODS.register_lazy(_name, _target)

@@ -3,7 +3,9 @@
 Every generator has the same call: ``generate(cfg, model, input_size, seed, device, dataset)``
 returning a list of batches, and its own ``Config`` dataclass. The runner times it as t_synth_s.
 ``noise`` is the control for data-free claims; ``real`` (a seeded subset of the dataset's train
-split) is the upper bound.
+split) is the upper bound. ``zeroq`` and ``genie`` (synth_zeroq.py, synth_genie.py) distill images
+from the model's BN statistics and cache them on disk (synth_cache.py); their batches carry an
+``info`` dict that the runner records as ``data_info``.
 """
 
 from __future__ import annotations
@@ -62,3 +64,5 @@ class Real:
 
 SYNTH.register("noise", Noise)
 SYNTH.register("real", Real)
+SYNTH.register_lazy("zeroq", "dfq_bench.synth_zeroq:ZeroQData")
+SYNTH.register_lazy("genie", "dfq_bench.synth_genie:GenieData")

@@ -1,0 +1,108 @@
+"""On-disk cache of generated calibration sets, so that sweeps do not regenerate them.
+
+The key is a hash of (generator name and config without its cache keys, a digest of the model's
+weights and buffers, the input size, the seed, the device type): the digest is computed from the
+tensors themselves, so it identifies the weights exactly whatever label the model carries. Files
+are written atomically (temp file + rename); an unreadable or mismatching file is regenerated with
+a warning, never fatal. The returned ``Batches`` carry ``info`` (cache hit/miss, the seconds the
+generation took when it was made, generator losses), which the runner records as ``data_info``.
+
+Location: ``cfg.cache_dir``, else ``$DFQ_BENCH_CACHE``, else ``~/.cache/dfq_bench``; files go to
+its ``synth/`` subdirectory. ``cache: false`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+_NOT_IN_KEY = ("cache", "cache_dir")
+
+
+class Batches(list):
+    """A list of calibration batches with an ``info`` dict for the result row."""
+
+    def __init__(self, batches, info: dict | None = None):
+        super().__init__(batches)
+        self.info = dict(info or {})
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_dir(cfg) -> Path:
+    root = cfg.get("cache_dir") or os.environ.get("DFQ_BENCH_CACHE") or Path.home() / ".cache" / "dfq_bench"
+    return Path(root) / "synth"
+
+
+def cache_key(cfg, model: nn.Module, input_size, seed: int, device: str) -> str:
+    gen_cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    for k in _NOT_IN_KEY:
+        gen_cfg.pop(k, None)
+    blob = {"format": FORMAT, "generator": gen_cfg, "weights": weights_digest(model),
+            "input_size": list(input_size), "seed": int(seed), "device": torch.device(device).type}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load(path: Path, key: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("batches"), list)
+              and all(isinstance(b, Tensor) for b in entry["batches"]) and entry["batches"])
+        if not ok:
+            raise ValueError("unexpected contents")
+        return entry
+    except Exception as e:  # a torn or foreign file: regenerate
+        log.warning("synthetic-data cache file %s is unreadable (%s); regenerating it", path, e)
+        return None
+
+
+def _save(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(entry, tmp)
+    os.replace(tmp, path)
+
+
+def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
+                    make: Callable[[], tuple[list[Tensor], dict]]) -> Batches:
+    """Returns the cached batches for this key, or calls ``make() -> (batches, info)`` and stores
+    them. ``info`` gains ``cache`` ("hit", "miss" or "off") and ``t_generate_s``."""
+    if not cfg.get("cache", True):
+        t0 = time.perf_counter()
+        batches, info = make()
+        return Batches(batches, {**info, "cache": "off", "t_generate_s": time.perf_counter() - t0})
+    key = cache_key(cfg, model, input_size, seed, device)
+    path = cache_dir(cfg) / f"{cfg.name}-{key[:24]}.pt"
+    entry = _load(path, key)
+    if entry is not None:
+        batches = [b.to(device) for b in entry["batches"]]
+        return Batches(batches, {**entry["info"], "cache": "hit", "cache_file": str(path)})
+    t0 = time.perf_counter()
+    batches, info = make()
+    info = {**info, "t_generate_s": time.perf_counter() - t0}
+    try:
+        _save(path, {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info})
+    except OSError as e:  # a read-only cache must not fail the run
+        log.warning("cannot write synthetic-data cache %s (%s)", path, e)
+    return Batches(batches, {**info, "cache": "miss", "cache_file": str(path)})
