@@ -10,6 +10,7 @@ import pytest
 import torch
 from dfq_bench.methods.rtn import RTN
 from omegaconf import OmegaConf
+from torch import nn
 
 from dfq_bench import deploy
 from dfq_bench.config import ConfigError, ProtocolConfig, validate_config
@@ -64,8 +65,8 @@ def _sim_levels(qmodel, x, forced: dict | None = None) -> tuple[dict, torch.Tens
     return seen, logits
 
 
-@pytest.mark.parametrize("proto", [{}, {"w_symmetric": True}, {"w_granularity": "per_tensor"}])
-@pytest.mark.parametrize("wbits", [4, 8])
+@pytest.mark.parametrize("wbits,proto", [(4, {}), (8, {}), (8, {"w_symmetric": True}),
+                                         (4, {"w_granularity": "per_tensor"})])
 def test_weights_in_the_file_decode_to_our_exact_levels(tmp_path, wbits, proto):
     _, qmodel, x = _quantize(wbits, 8, first_wbits=None, last_wbits=None, **proto)
     exp = deploy.export(qmodel, x[:2], tmp_path / "m.onnx")
@@ -167,6 +168,32 @@ def test_optimized_graph_runs_every_quantized_conv_in_integer(tmp_path):
     ops2 = deploy.op_counts(tmp_path / "qdq_opt.onnx")
     assert ops2.get("ConvInteger", 0) == 0 and ops2.get("QLinearConv") == 2
     assert sum(ops2.get(k, 0) for k in deploy.FLOAT_COMPUTE_OPS) == 3
+
+
+def test_max_pooling_runs_on_the_levels_so_the_conv_before_it_fuses(tmp_path):
+    """conv -> ReLU -> MaxPool -> quantizer: max pooling commutes with the monotone quantizer, so
+    the conv is requantized (QLinearConv) and MaxPool runs on uint8, with the same levels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    cfg = OmegaConf.merge(OmegaConf.structured(ProtocolConfig), {"quantize_first_input": True})
+    qmodel = RTN().quantize(model, QuantContext(4, 4, cfg, 0, "cpu", x[:2], calib=[x]))
+    exp = deploy.export(qmodel, x[:2], tmp_path / "m.onnx")
+    assert (exp.n_requantized, exp.n_conv_integer) == (2, 1)  # layer 6's output is average-pooled
+    q_ort, _ = _ort_levels(exp, tmp_path, x)
+    ops = deploy.op_counts(tmp_path / "opt.onnx")
+    assert ops.get("QLinearConv") == 2 and ops.get("ConvInteger") == 1
+    assert ops.get("MaxPool", 0) + ops.get("NhwcMaxPool", 0) == 2  # on uint8 (no float conv left)
+    assert sum(ops.get(k, 0) for k in deploy.FLOAT_COMPUTE_OPS) == 0
+    rounded = copy.deepcopy(qmodel)
+    for name, (b_int, ps) in _int32_biases(qmodel).items():
+        rounded.get_submodule(name).layer.bias.data = (b_int * ps).float()
+    ref, _ = _sim_levels(rounded, x, forced=q_ort)
+    for name, q_sim in ref.items():
+        diff = (q_ort[name] - q_sim).abs()
+        assert diff.max() <= 1 and diff.mean() <= 1e-3, name
 
 
 def test_eight_bit_asymmetric_weights_use_the_zero_point_correction(tmp_path):

@@ -17,8 +17,9 @@ ORT's optimizer fuses DQ -> Conv -> Q into QLinearConv (integer in, integer out)
 conv's output goes straight into a QuantizeLinear. In the simulation a conv output is requantized
 only where it reaches the next layer's input quantizer; the exporter drops a ReLU/ReLU6 between
 the two when the quantizer's clamp makes it redundant (zero-point at the bottom of the grid: exact),
-so those convs fuse. A conv whose output the simulation does NOT requantize (it feeds a residual
-add, a pooling, an unfolded BN, two different quantizers, the logits) would stay a float Conv on
+so those convs fuse; a max pooling in between runs on the uint8 levels (it commutes with the
+quantizer). A conv whose output the simulation does NOT requantize (it feeds a residual
+add, an average pooling, an unfolded BN, two different quantizers, the logits) would stay a float Conv on
 dequantized tensors in ORT; the exporter writes those as ConvInteger (exact integer accumulation;
 with the per-channel weight zero-point subtracted in int32) + int32 bias + one float rescale by
 s_x * s_w[c], which is the simulation's arithmetic. ``conv_integer=False`` keeps them as plain QDQ.
@@ -249,9 +250,10 @@ class _GraphBuilder:
         return out
 
     # -- activation quantization
-    def quantize(self, src: fx.Node, p: ActParams, x: str, base: str) -> tuple[str, str]:
+    def quantize(self, src: fx.Node, p: ActParams, x: str, base: str, pools=()) -> tuple[str, str]:
         """(uint8 levels, dequantized) of tensor ``src`` (float value ``x``) on grid ``p``; one QDQ
-        per (tensor, grid), shared by every layer that quantizes the same tensor the same way."""
+        per (tensor, grid), shared by every layer that quantizes the same tensor the same way.
+        ``pools``: max-pooling nodes between ``x`` and ``src``, applied to the levels."""
         key = (src, p)
         if key not in self.qcache:
             if x is None:
@@ -259,6 +261,8 @@ class _GraphBuilder:
             s = self.const(f"{base}.x_scale", np.float32(p.scale))
             z = self.const(f"{base}.x_zero_point", np.uint8(p.zero_point))
             q = self.op("QuantizeLinear", [x, s, z], f"{base}.x_q")
+            for pool in pools:
+                q = self.pool(pool, _module(self.gm, pool), q, f"{base}.x_q_{pool.name}")
             if p.narrow:
                 q = self.op("Clip", [q, self.const(f"{base}.x_qmin", np.uint8(p.qmin)),
                                      self.const(f"{base}.x_qmax", np.uint8(p.qmax))], f"{base}.x_q_clip")
@@ -276,7 +280,7 @@ class _GraphBuilder:
             cur, chain = node, []
             while len(cur.users) == 1:
                 nxt = next(iter(cur.users))
-                if activation_kind(self.gm, nxt) is None or not self._clamp(nxt):
+                if nxt.args[0] is not cur or (self._clamp(nxt) is None and not self._max_pool(nxt)):
                     break
                 chain.append(nxt)
                 cur = nxt
@@ -290,9 +294,16 @@ class _GraphBuilder:
             else:
                 if len(grids) == 1:
                     p = grids.pop()
-                    if all(self._redundant(a, p) for a in chain):
-                        self.requant[node] = (cur, p)
+                    if all(self._max_pool(a) or self._redundant(a, p) for a in chain):
+                        self.requant[node] = (cur, p, [a for a in chain if self._max_pool(a)])
                         self.skip.update(chain)
+
+    def _max_pool(self, node: fx.Node) -> bool:
+        """Max pooling commutes with the (monotone) quantizer: it runs on the uint8 levels."""
+        m = _module(self.gm, node)
+        if isinstance(m, nn.MaxPool2d):
+            return not m.return_indices
+        return node.op == "call_function" and node.target is F.max_pool2d and not _arg(node, 6, "return_indices")
 
     def _clamp(self, node: fx.Node) -> tuple[float, float] | None:
         kind, m = activation_kind(self.gm, node), _module(self.gm, node)
@@ -353,9 +364,9 @@ class _GraphBuilder:
                                       f"{name}.b_dq", axis=0))
         y = self._float_compute(node, layer, inputs, name)
         if requant is not None:
-            tensor, q = requant
+            tensor, q, pools = requant
             self.stats["n_requantized"] += 1
-            self.quantize(tensor, q, y, tensor.target if tensor.op == "call_module" else tensor.name)
+            self.quantize(tensor, q, y, tensor.target if tensor.op == "call_module" else tensor.name, pools)
         return y
 
     def _float_compute(self, node: fx.Node, layer: nn.Module, inputs: list[str], base: str) -> str:
