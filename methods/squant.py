@@ -71,59 +71,58 @@ MODES = {  # mode -> (kernel stage, channel stage)
     "squant-c": (False, True),
 }
 DEFAULT_K = {"4": 12.0, "6": 14.0, "8": 25.0}
-CHUNK_ELEMS = 1 << 18  # x elements per block of output channels: bounds temporaries, stays in cache
+CHUNK_ELEMS = 1 << 16  # weights per block of output channels: bounds temporaries, stays in cache
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight flipping, vectorized over all kernels and channels of a block of output channels
+# Weight flipping, vectorized over all kernels and channels of a block of output channels.
+# Layouts: stage K works kernel-major, (k, R) with one column per kernel, so that per-kernel
+# reductions and the sorting network are elementwise ops on long vectors; stage C alone works on
+# (o, n) rows. torch.where on large tensors is slow on CPU, so the hot path uses arithmetic.
 # ---------------------------------------------------------------------------------------------
 
 
-def flip_levels(x: Tensor, qmin: int, qmax: int, kernel: bool = True, channel: bool = True) -> Tensor:
+def flip_levels(
+    x: Tensor, qmin: int, qmax: int, kernel: bool = True, channel: bool = True, stats: dict | None = None
+) -> Tensor:
     """SQuant's integer levels of the scaled weights ``x`` (see the module docstring).
 
     Args:
         x: scaled weights (``Grid.scaled(w)``), shape (out, in/groups, *kernel) or (out, in).
         qmin, qmax: the integer grid.
         kernel, channel: run stage K / stage C (K is skipped anyway when a kernel has one element).
+        stats: if given, ``stats["changed"]`` is increased by the number of levels that differ
+            from round-to-nearest.
 
     Returns:
         Levels as a tensor of x's dtype and shape, clamped to [qmin, qmax].
     """
-    shape = x.shape
-    out = x.shape[0]
+    shape, out = x.shape, x.shape[0]
     x3 = x.detach().reshape(out, shape[1] if x.dim() > 1 else 1, -1)
     if x3.dtype not in (torch.float32, torch.float64):
         x3 = x3.float()
     levels = torch.empty_like(x3)
-    per_channel = x3[0].numel()
-    step = max(1, CHUNK_ELEMS // max(per_channel, 1))
+    step = max(1, CHUNK_ELEMS // max(x3[0].numel(), 1))
+    changed = 0
     for lo in range(0, out, step):  # blocks of many channels; all work inside is vectorized
-        levels[lo : lo + step] = _flip_block(x3[lo : lo + step], qmin, qmax, kernel, channel)
-    return levels.clamp_(qmin, qmax).reshape(shape).to(x.dtype)
+        xb = x3[lo : lo + step]
+        block = _flip_block(xb, qmin, qmax, kernel, channel).clamp_(qmin, qmax)
+        levels[lo : lo + step] = block
+        if stats is not None:
+            changed += int((block != torch.round(xb).clamp_(qmin, qmax)).sum())
+    if stats is not None:
+        stats["changed"] = stats.get("changed", 0) + changed
+    return levels.reshape(shape).to(x.dtype)
 
 
 def _flip_block(x: Tensor, qmin: int, qmax: int, do_k: bool, do_c: bool) -> Tensor:
     o, n_in, k = x.shape
-    rn = torch.round(x)
-    e = rn - x  # exact in float32 (|e| <= 0.5 next to an integer)
-    up_ok = (e < 0) & (x < qmax)  # may move to rn + 1
-    dn_ok = (e > 0) & (x > qmin)  # may move to rn - 1
-    if not do_c and not (do_k and k > 1):
-        return rn
     if do_k and k > 1:
-        num, err, cand_k, cand_pr, cand_up = _kernel_stage(
-            rn.view(-1, k), e.view(-1, k), up_ok.view(-1, k), dn_ok.view(-1, k)
-        )
-        if not do_c:
-            return num.view(o, n_in, k)
-        return _channel_stage_after_k(
-            rn, up_ok, dn_ok, num.view(o, n_in, k), err.view(o, n_in, k),
-            cand_k.view(o, n_in), cand_pr.view(o, n_in), cand_up.view(o, n_in),
-        )
-    return _channel_stage(rn.view(o, -1), e.view(o, -1), up_ok.view(o, -1), dn_ok.view(o, -1)).view(
-        o, n_in, k
-    )
+        return _kernel_then_channel(x, qmin, qmax, do_c)
+    rn = torch.round(x)
+    if not do_c:
+        return rn
+    return _channel_only(x.reshape(o, -1), rn.reshape(o, -1), qmin, qmax).view(o, n_in, k)
 
 
 def _direction(total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,55 +133,127 @@ def _direction(total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return up, count.to(torch.int64), count >= a
 
 
-def _kernel_stage(rn: Tensor, e: Tensor, up_ok: Tensor, dn_ok: Tensor):
-    """Stage K on rows = kernels (R, k). Returns the levels, float64 errors after K, and each
-    kernel's candidate for stage C: position in the kernel, priority, and whether it is an up flip."""
-    k = e.shape[1]
-    up, count, over = _direction(e.sum(1, dtype=torch.float64))
-    ok = torch.where(up[:, None], up_ok, dn_ok)
-    prio = e.abs() * ok  # > 0 exactly where the element may move in the kernel's direction
-    order = torch.sort(prio, dim=1, descending=True, stable=True).indices  # ties: index ascending
-    in_top = torch.arange(k)[None, :] < count[:, None]  # rank space
-    flip = torch.zeros_like(ok).scatter_(1, order, in_top)
-    sign = torch.where(up, 1.0, -1.0)[:, None]
-    num = rn + (flip & ok) * sign
-    e64 = e.double()
-    err = torch.where(flip, torch.where(ok, e64 + sign, 0.0), e64)  # a handed-out non-mover: 0
-    # The candidate's rank: the last flipped one if over-flipped (rank k-1 when count == 0, edge
-    # case 1), else the next one.
-    cand_rank = torch.where(over, (count - 1) % k, count)
-    cand_k = order.gather(1, cand_rank[:, None])
-    cand_pr = err.gather(1, cand_k).abs().squeeze(1)
-    return num, err, cand_k.squeeze(1), cand_pr, up ^ over  # over-flipped: other direction
+def _priority(x: Tensor, e: Tensor, up: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """|e| where an element may move in its row's direction (up: e < 0 and x < qmax; down: e > 0
+    and x > qmin), else 0; ``up`` broadcasts against x. Also returns the move (+1 up / -1 down).
+
+    Exact: a movable element has |e| <= 0.5 <= its distance to the grid edge, so the minimum below
+    returns |e| itself."""
+    step = torch.where(up, 1.0, -1.0).to(x.dtype)
+    edge = torch.where(up, float(qmax), float(-qmin)).to(x.dtype)
+    away = (e * -step).clamp_(min=0)  # |e| if rounded against the move, else 0
+    room = torch.addcmul(edge, x, -step).clamp_(min=0)  # qmax - x (up) or x - qmin (down)
+    return torch.minimum(away, room), step
 
 
-def _channel_stage_after_k(rn, up_ok, dn_ok, num, err, cand_k, cand_pr, cand_up) -> Tensor:
-    """Stage C with one candidate per kernel. Shapes (o, n_in, k) and (o, n_in)."""
-    o, n_in, k = num.shape
-    up, count, _ = _direction(err.view(o, -1).sum(1))
-    prio = torch.where(cand_up == up[:, None], cand_pr, 0.0)  # (o, n_in)
+def _network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sorting network for n inputs (comparators (i, j), i < j)."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _order_kernels(prio: Tensor, count: Tensor, cand_rank: Tensor) -> tuple[Tensor, Tensor]:
+    """For each column of ``prio`` (k, R), in (priority desc, row asc) order: the mask of the first
+    ``count`` elements, and the row of the element at ``cand_rank`` (shape (1, R)).
+
+    float32: each priority's bits with its reversed row index appended form a unique int64 key, so
+    a sorting network of elementwise max/min sorts every kernel at once, ties broken by index."""
+    k = prio.shape[0]
+    if prio.dtype != torch.float32:  # generic path (float64 tests): pairwise ranks
+        rank = _ranks(prio)
+        at = (rank == cand_rank).to(torch.uint8) * torch.arange(k, dtype=torch.uint8)[:, None]
+        return rank < count, at.sum(0, dtype=torch.int64)[None]
+    shift = max(1, (k - 1).bit_length())
+    keys = (prio.view(torch.int32).long() << shift) | (k - 1 - torch.arange(k))[:, None]
+    rows = list(keys.unbind(0))
+    for i, j in _network(k):  # descending
+        rows[i], rows[j] = torch.maximum(rows[i], rows[j]), torch.minimum(rows[i], rows[j])
+    ordered = torch.stack(rows)
+    last_in = ordered.gather(0, (count - 1).clamp(min=0)[None])
+    last_in.masked_fill_((count == 0)[None], torch.iinfo(torch.int64).max)
+    cand = (k - 1) - (ordered.gather(0, cand_rank[None]) & ((1 << shift) - 1))
+    return keys >= last_in, cand
+
+
+def _ranks(prio: Tensor) -> Tensor:
+    """Rank of every element of each column of ``prio`` (k, R) in (priority desc, row asc) order."""
+    k = prio.shape[0]
+    rank = torch.zeros(prio.shape, dtype=torch.int32)
+    for i in range(k - 1):
+        behind = prio[i + 1 :] <= prio[i]  # rows after i that i precedes (ties: lower index first)
+        rank[i + 1 :] += behind
+        rank[i] += (~behind).sum(0, dtype=rank.dtype)
+    return rank
+
+
+def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool) -> Tensor:
+    """Stage K on a (o, n_in, k) block, in the kernel-major layout; then stage C if asked."""
+    o, n_in, k = x.shape
+    xt = x.permute(2, 0, 1).reshape(k, o * n_in)
+    rn = torch.round(xt)
+    e = rn - xt  # exact in float32 (|e| <= 0.5 next to an integer)
+    s = e.sum(0, dtype=torch.float64)
+    up, count, over = _direction(s)
+    prio, step = _priority(xt, e, up, qmin, qmax)
+    # The candidate for stage C: the last flipped element if over-flipped (rank k-1 when count == 0:
+    # edge case 1), else the next one; an over-flipped kernel offers an un-flip (other direction).
+    cand_rank = torch.where(over, torch.where(count > 0, count - 1, k - 1), count)
+    flip, cand_k = _order_kernels(prio, count, cand_rank)
+    moved = flip & (prio > 0)
+    num = torch.addcmul(rn, moved.to(xt.dtype), step)
+    if not do_c:
+        return num.view(k, o, n_in).permute(1, 2, 0)
+    # Each kernel's error sum after K, in float64: every move adds +-1; a handed-out element that
+    # cannot move records error 0 instead of e (edge case 2).
+    s_after = s + step.double() * moved.sum(0, dtype=torch.int32)
+    handed = flip & ~moved
+    if bool(handed.any()):
+        s_after -= (e * handed).sum(0, dtype=torch.float64)
+    e_c = e.gather(0, cand_k)[0]
+    cand_moved = moved.gather(0, cand_k)[0]
+    err_c = torch.where(cand_rank < count, cand_moved * step.double(), 0.0) + e_c.double()
+    err_c = torch.where((cand_rank < count) & ~cand_moved, 0.0, err_c)
+    cand_pr = err_c.abs().view(o, n_in)
+    cand_up = (up ^ over).view(o, n_in)
+
+    up_c, count_c, _ = _direction(s_after.view(o, n_in).sum(1))
+    prio_c = torch.where(cand_up == up_c[:, None], cand_pr, 0.0)
     # One candidate per kernel, so kernel order is flat-index order among candidates.
-    chosen = _first_k(prio, count.clamp(max=n_in))
-    sel = torch.zeros_like(up_ok).scatter_(2, cand_k[..., None], chosen[..., None])
-    short = count > (prio > 0).sum(1)
-    if bool(short.any()):  # the order hands out zero-priority elements: first ones by flat index
-        full = torch.zeros(int(short.sum()), n_in, k, dtype=prio.dtype)
-        full.scatter_(2, cand_k[short][..., None], prio[short][..., None])
-        sel[short] = _first_k(full.view(len(full), -1), count[short]).view(-1, n_in, k)
-    return _apply(rn, num, sel, up[:, None, None], up_ok, dn_ok)
+    chosen = _first_k(prio_c, count_c)
+    short = count_c > (prio_c > 0).sum(1)  # the order also hands out zero-priority elements
+    chosen &= ~short[:, None]
+    x_c, rn_c = xt.gather(0, cand_k)[0], rn.gather(0, cand_k)[0]
+    up_ck = up_c.repeat_interleave(n_in)
+    pr_c, step_c = _priority(x_c, rn_c - x_c, up_ck, qmin, qmax)
+    target = rn_c + step_c * (pr_c > 0)  # the original-based neighbour, or rn if it cannot move
+    num.scatter_(0, cand_k, torch.where(chosen.view(-1), target, num.gather(0, cand_k)[0])[None])
+    levels = num.view(k, o, n_in).permute(1, 2, 0).contiguous()
+    if bool(short.any()):  # rare: the first zero-priority elements by flat index also flip
+        full = torch.zeros(int(short.sum()), n_in, k, dtype=prio_c.dtype)
+        full.scatter_(2, cand_k[0].view(o, n_in)[short][..., None], prio_c[short][..., None])
+        sel = _first_k(full.view(len(full), -1), count_c[short]).view(-1, n_in, k)
+        xs = x[short]
+        rns = torch.round(xs)
+        pr_s, step_s = _priority(xs, rns - xs, up_c[short][:, None, None], qmin, qmax)
+        levels[short] = torch.where(sel, rns + step_s * (pr_s > 0), levels[short])
+    return levels
 
 
-def _channel_stage(rn: Tensor, e: Tensor, up_ok: Tensor, dn_ok: Tensor) -> Tensor:
-    """Stage C over all elements of each channel (K off). Shapes (o, n)."""
+def _channel_only(x: Tensor, rn: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Stage C over all elements of each channel (K off, or 1-element kernels). Shapes (o, n)."""
+    e = rn - x
     up, count, _ = _direction(e.sum(1, dtype=torch.float64))
-    prio = e.abs() * torch.where(up[:, None], up_ok, dn_ok)
-    return _apply(rn, rn, _first_k(prio, count), up[:, None], up_ok, dn_ok)
-
-
-def _apply(rn, num, sel, up, up_ok, dn_ok) -> Tensor:
-    """Selected elements take their original-based neighbour level in direction ``up`` (or rn)."""
-    target = torch.where(up, rn + up_ok, rn - dn_ok.to(rn.dtype))
-    return torch.where(sel, target, num)
+    prio, step = _priority(x, e, up[:, None], qmin, qmax)
+    return torch.addcmul(rn, (_first_k(prio, count) & (prio > 0)).to(x.dtype), step)
 
 
 def _first_k(prio: Tensor, count: Tensor) -> Tensor:
@@ -198,6 +269,8 @@ def _first_k(prio: Tensor, count: Tensor) -> Tensor:
     thr = top.gather(1, (count - 1).clamp(min=0)[:, None])
     above = prio > thr
     tied = prio == thr
+    if bool(tied.sum(1).le(1).all()):  # no tie at any threshold (the usual case)
+        return (above | tied) & (count > 0)[:, None]
     need = count[:, None] - above.sum(1, keepdim=True)
     return (above | (tied & (tied.cumsum(1) <= need))) & (count > 0)[:, None]
 
@@ -300,25 +373,24 @@ class Squant(Method):
         self.mode = cfg.mode
         self.kernel, self.channel = MODES[cfg.mode]
         self.k_table = KTable({str(b): float(v) for b, v in cfg.k.items()}, cfg.k_other)
-        self._changed = self._total = 0
+        self._stats: dict = {}
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         if ctx.abits is not None and self.act_range(ctx) == "squant":  # fail before any work
             last = ctx.protocol.last_abits if ctx.protocol.last_abits is not None else ctx.abits
             for bits in {ctx.abits, last}:
                 self.k_table.for_bits(bits)
-        self._changed = self._total = 0
+        self._stats = {}
         token = _K_TABLE.set(self.k_table)
         try:
             qmodel = super().quantize(model, ctx)
         finally:
             _K_TABLE.reset(token)
-        ctx.info["squant_flip_frac"] = self._changed / max(self._total, 1)
+        ctx.info["squant_flip_frac"] = self._stats.get("changed", 0) / max(self._stats.get("total", 0), 1)
         return qmodel
 
     def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan) -> Tensor:
-        x = grid.scaled(w.detach())
-        levels = flip_levels(x, grid.qmin, grid.qmax, self.kernel, self.channel)
-        self._changed += int((levels != torch.clamp(torch.round(x), grid.qmin, grid.qmax)).sum())
-        self._total += levels.numel()
+        levels = flip_levels(grid.scaled(w.detach()), grid.qmin, grid.qmax, self.kernel, self.channel,
+                             self._stats)
+        self._stats["total"] = self._stats.get("total", 0) + levels.numel()
         return levels
