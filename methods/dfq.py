@@ -8,7 +8,10 @@ MIT). Written from the equations in shared/docs/methods.md; no code was taken fr
 Steps (each a config key, all on by default), in this order:
 1. ``relu6_to_relu``: every ReLU6 (module or ``F.relu6``) becomes ReLU, because equalization is not
    valid through a clip. This changes the float function; the row counts the sites
-   (``n_relu6_to_relu``). Off: links through a ReLU6 are not equalized.
+   (``n_relu6_to_relu``, ``n_relu6_kept``). Off: links through a ReLU6 are not equalized.
+   ``relu6_scope=safe`` (not in the paper) replaces only the ReLU6 whose BN statistics keep the
+   clipped input below 6 (beta + 6|gamma| <= 6 in every channel, at every call site of a shared
+   module), i.e. where the replacement is exact to 6 sigma; the others stay and stop CLE.
 2. BN folding (``quant.fold_bn``), always: DFQ needs it, so it folds even when
    ``protocol.fold_bn`` is false (the row says ``dfq_fold: method``). The BN statistics are kept:
    the folded conv's output channel c is N(beta_c, gamma_c^2) per DFQ's assumption.
@@ -56,7 +59,15 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from torch import Tensor, nn
 
-from dfq_bench.graph import BATCHNORM, Link, TraceError, conv_bn_pairs, equalization_links, input_sources
+from dfq_bench.graph import (
+    BATCHNORM,
+    Link,
+    TraceError,
+    conv_bn_pairs,
+    equalization_links,
+    input_sources,
+    relu6_sites,
+)
 from dfq_bench.graph import relu6_to_relu as replace_relu6
 from dfq_bench.method import Method, QuantContext
 from dfq_bench.observers import calibrate_activations
@@ -68,6 +79,14 @@ log = logging.getLogger(__name__)
 class CleRange(str, Enum):
     absmax = "absmax"
     minmax = "minmax"
+
+
+class Relu6Scope(str, Enum):
+    all = "all"  # every ReLU6 (the paper, AIMET)
+    safe = "safe"  # only where the BN statistics keep the clipped input below 6 (beta + 6|gamma| <= 6)
+
+
+SAFE_N_STD = 6.0  # the same 6 sigma as the `bn` range rule
 
 
 # ---- per-channel views of a Conv/Linear weight ------------------------------------------------
@@ -266,6 +285,7 @@ class _FloatFacts:
     stats: dict  # BN name -> (mean, std) of its output, float64; rescaled by CLE/absorption
     range_src: dict  # layer -> graph.Source ending at a BN (the `bn` range rule's walk)
     mean_src: dict  # layer -> graph.Source ending at a BN (mean-keeping walk, for bias correction)
+    relu6: dict  # graph.relu6_sites: site key -> modules feeding each call site
     traced: bool
 
 
@@ -281,10 +301,23 @@ def float_facts(model: nn.Module) -> _FloatFacts:
         bn_of = dict(conv_bn_pairs(model))
         range_src = {k: s for k, s in input_sources(model, "range").items() if s.name in stats}
         mean_src = {k: s for k, s in input_sources(model, "mean").items() if s.name in stats}
+        sites = relu6_sites(model)
     except TraceError as e:
         log.warning("DFQ: %s; only BN folding and RTN apply", e)
-        return _FloatFacts({}, stats, {}, {}, False)
-    return _FloatFacts(bn_of, stats, range_src, mean_src, True)
+        return _FloatFacts({}, stats, {}, {}, {}, False)
+    return _FloatFacts(bn_of, stats, range_src, mean_src, sites, True)
+
+
+def safe_relu6_sites(facts: _FloatFacts, n_std: float = SAFE_N_STD) -> set:
+    """ReLU6 sites whose every call site clips a BN output with beta + n_std*|gamma| <= 6 in all
+    channels: replacing them by ReLU changes nothing within n_std standard deviations."""
+    def below_six(src):
+        if src not in facts.stats:
+            return False
+        mean, std = facts.stats[src]
+        return bool((mean + n_std * std <= 6.0).all())
+
+    return {key for key, feeding in facts.relu6.items() if all(below_six(f) for f in feeding)}
 
 
 class DFQ(Method):
@@ -296,6 +329,7 @@ class DFQ(Method):
     class Config:
         name: str = MISSING
         relu6_to_relu: bool = True
+        relu6_scope: Relu6Scope = Relu6Scope.all  # all (paper) | safe (only where exact to 6 sigma)
         cle: bool = True
         cle_tol: float = 1e-8  # stop when no scale moves by more than this in a sweep
         cle_max_iter: int = 100  # sweeps at most
@@ -315,22 +349,27 @@ class DFQ(Method):
             raise ValueError(f"method.absorb_n_std={c.absorb_n_std!r} is invalid; valid: a float >= 0")
         self._facts: _FloatFacts | None = None
         self._eps: dict[str, Tensor] = {}
+        self._replaced: set = set()
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
-        self._facts, self._eps = float_facts(model), {}
+        self._facts, self._eps, self._replaced = float_facts(model), {}, set()
         try:
             return super().quantize(model, ctx)
         finally:
-            self._facts, self._eps = None, {}
+            self._facts, self._eps, self._replaced = None, {}, set()
 
-    def _act(self, act: str | None) -> str | None:
-        return "relu" if act == "relu6" and self.cfg.relu6_to_relu else act
+    def _act(self, src) -> str | None:
+        """The activation between a BN and a layer, after the ReLU6 replacement."""
+        return "relu" if src.act == "relu6" and src.act_site in self._replaced else src.act
 
     def transform(self, qmodel: nn.Module, ctx: QuantContext) -> nn.Module:
         cfg, facts, info = self.cfg, self._facts, ctx.info
         info["n_relu6_to_relu"] = 0
         if cfg.relu6_to_relu:
-            qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel)
+            safe = Relu6Scope(cfg.relu6_scope) == Relu6Scope.safe
+            self._replaced = safe_relu6_sites(facts) if safe else set(facts.relu6)
+            qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel, self._replaced if safe else None)
+        info["n_relu6_kept"] = max(0, sum(len(v) for v in facts.relu6.values()) - info["n_relu6_to_relu"])
         n_fold = fold_bn(qmodel) if facts.traced else 0  # 0 when the protocol already folded
         info["n_bn_folded"] = info.get("n_bn_folded", 0) + n_fold
         info["dfq_fold"] = "protocol" if ctx.protocol.fold_bn else "method"
@@ -379,7 +418,7 @@ class DFQ(Method):
             fits = layer.in_features % n == 0 if isinstance(layer, nn.Linear) else layer.in_channels == n
             if not fits:
                 continue
-            ex = clipped_gaussian_mean(mean, std, self._act(src.act))
+            ex = clipped_gaussian_mean(mean, std, self._act(src))
             _add_bias(layer, -in_apply(layer, self._eps[p.name], ex))
             ctx.info["n_bias_corrected"] += 1
 
@@ -388,7 +427,7 @@ class DFQ(Method):
         out = {}
         for layer, src in self._facts.range_src.items():
             mean, std = self._facts.stats[src.name]
-            out[layer] = (SimpleNamespace(weight=std.float(), bias=mean.float()), self._act(src.act))
+            out[layer] = (SimpleNamespace(weight=std.float(), bias=mean.float()), self._act(src))
         return out
 
     def calibrate(self, qmodel: nn.Module, plans: list[LayerPlan], rule: str, model: nn.Module,

@@ -247,6 +247,44 @@ def test_dfq_without_relu6_to_relu_keeps_relu6_and_skips_those_pairs():
         assert rel_err(q(x), m(x)) < 1e-4  # 16-bit weights; every step exact, ReLU6 kept
 
 
+def _two_relu6_net():
+    """conv -> BN -> ReLU6 (input below 6 to 6 sigma) -> conv -> BN -> ReLU6 (often above 6) -> conv."""
+    g = torch.Generator().manual_seed(11)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(),
+                      nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        for conv in (m[0], m[3], m[6]):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+        m[1].weight.fill_(0.5)
+        m[1].bias.copy_(torch.linspace(-1, 2.5, 8))  # beta + 6 gamma <= 5.5
+        m[4].weight.fill_(1.0)
+        m[4].bias.copy_(torch.linspace(3, 5, 8))  # beta + 6 gamma up to 11
+    return m.eval()
+
+
+def test_relu6_scope_safe_replaces_only_where_bn_statistics_keep_the_input_below_six():
+    m = _two_relu6_net()
+    x = torch.randn(4, 3, 6, 6)
+    ctx = ctx_for(x[:2], wbits=16, abits=None, first_wbits=None, last_wbits=None)
+    q = dfq(relu6_scope="safe", bias_correction=False).quantize(m, ctx)
+    assert (ctx.info["n_relu6_to_relu"], ctx.info["n_relu6_kept"], ctx.info["n_cle_pairs"]) == (1, 1, 1)
+    assert isinstance(q[2], nn.ReLU) and isinstance(q[5], nn.ReLU6)
+    ctx_all = ctx_for(x[:2], wbits=16, abits=None, first_wbits=None, last_wbits=None)
+    dfq(bias_correction=False).quantize(m, ctx_all)
+    assert (ctx_all.info["n_relu6_to_relu"], ctx_all.info["n_relu6_kept"], ctx_all.info["n_cle_pairs"]) == (2, 0, 2)
+
+
+@pytest.mark.skipif(not HAS_EFFNET, reason="efficientnet-lite-pytorch not installed")
+def test_relu6_sites_group_shared_modules():
+    from dfq_bench.graph import relu6_sites
+
+    sites = relu6_sites(efficientnet_lite0())
+    assert sum(len(v) for v in sites.values()) == 33
+    assert sites["_blocks.1._swish"] == ["_blocks.1._bn0", "_blocks.1._bn1"]  # one module, two sites
+    m, n = relu6_to_relu(efficientnet_lite0(), only={"_blocks.1._swish"})
+    assert n == 2 and isinstance(m._blocks[1]._swish, nn.ReLU) and isinstance(m._blocks[2]._swish, nn.ReLU6)
+
+
 # ---- BN folding and CLE preserve the float function ------------------------------------------
 
 

@@ -233,6 +233,7 @@ class Source:
     name: str
     act: str | None  # "relu", "relu6" or None
     ops: tuple[str, ...]
+    act_site: str | None = None  # the activation's key in ``relu6_sites`` terms (module or node name)
 
 
 def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
@@ -246,11 +247,11 @@ def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
     for node in gm.graph.nodes:
         if not isinstance(_module(gm, node), CONV_LINEAR):
             continue
-        src, act, ops = node.args[0], None, []
+        src, act, ops, site = node.args[0], None, [], None
         while isinstance(src, fx.Node):
             kind = activation_kind(gm, src)
             if kind is not None and act is None:
-                act = kind
+                act, site = kind, _site_key(src)
             elif keep == "range" and kind is None and _passes_range(gm, src):
                 pass
             elif keep == "mean" and kind is None and op_kind(gm, src) in _MEAN_KEEPING:
@@ -260,16 +261,42 @@ def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
             ops.append(kind or op_kind(gm, src) or "pass")
             src = src.args[0]
         if isinstance(src, fx.Node) and src.op == "call_module":
-            found[node.target] = Source(src.target, act, tuple(reversed(ops)))
+            found[node.target] = Source(src.target, act, tuple(reversed(ops)), site)
     return found
 
 
-def relu6_to_relu(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replaces every ReLU6 (``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``F.relu6``: what
-    ``activation_kind`` calls "relu6") by ReLU, in place where possible.
+def _site_key(node: fx.Node) -> str:
+    """What replacing an activation acts on: its module (every call site) or its graph node."""
+    return node.target if node.op == "call_module" else node.name
+
+
+def relu6_sites(model: nn.Module) -> dict[str, list[str | None]]:
+    """ReLU6 call sites (what ``activation_kind`` calls "relu6") keyed by module name, or by graph
+    node name for ``F.relu6``; each value lists, per call site, the module whose output it clips
+    (None when the input is not a module's output)."""
+    gm = trace(model)
+    sites: dict[str, list[str | None]] = {}
+    for node in gm.graph.nodes:
+        if activation_kind(gm, node) == "relu6":
+            src = node.args[0]
+            feeding = src.target if isinstance(src, fx.Node) and src.op == "call_module" else None
+            sites.setdefault(_site_key(node), []).append(feeding)
+    return sites
+
+
+def _is_relu6_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0)
+
+
+def relu6_to_relu(model: nn.Module, only=None) -> tuple[nn.Module, int]:
+    """Replaces ReLU6 (``nn.ReLU6``, ``nn.Hardtanh(0, 6)``, ``F.relu6``) by ReLU.
+
+    Args:
+        only: keys of ``relu6_sites`` to replace (a module is replaced at all its call sites);
+            None replaces every ReLU6.
 
     Modules are swapped in place. Functional calls can only be changed in the traced graph, so a
-    model with any ``F.relu6`` comes back as a ``torch.fx.GraphModule`` (same module names).
+    model with a replaced ``F.relu6`` comes back as a ``torch.fx.GraphModule`` (same module names).
     Returns (model, number of call sites changed). An untraceable model has its modules swapped
     and the count is the number of modules.
     """
@@ -277,24 +304,25 @@ def relu6_to_relu(model: nn.Module) -> tuple[nn.Module, int]:
         gm = trace(model)
     except TraceError:
         gm = None
-    n_sites, functional = 0, []
+    n_sites, functional, modules = 0, [], set()
     if gm is not None:
         for node in gm.graph.nodes:
-            if activation_kind(gm, node) == "relu6":
+            if activation_kind(gm, node) == "relu6" and (only is None or _site_key(node) in only):
                 n_sites += 1
                 if node.op == "call_function":
                     functional.append(node)
+                else:
+                    modules.add(node.target)
+    else:
+        modules = {n for n, m in model.named_modules() if n and _is_relu6_module(m)
+                   and (only is None or n in only)}
+        n_sites = len(modules)
     out = gm if functional else model
-    targets = [
-        n for n, m in out.named_modules(remove_duplicate=False)
-        if n and (isinstance(m, nn.ReLU6) or (type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0)))
-    ]
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        old = out.get_submodule(name)
-        setattr(out.get_submodule(parent) if parent else out, child, nn.ReLU(inplace=old.inplace))
-    if gm is None:
-        n_sites = len(targets)
+    chosen = {id(out.get_submodule(n)) for n in modules}
+    for name, m in list(out.named_modules(remove_duplicate=False)):
+        if name and id(m) in chosen:  # every alias of a chosen module
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, nn.ReLU(inplace=m.inplace))
     if functional:
         for node in functional:
             inplace = _arg(node, 1, "inplace", False)
@@ -306,5 +334,5 @@ def relu6_to_relu(model: nn.Module) -> tuple[nn.Module, int]:
 
 __all__ = [
     "LeafTracer", "TraceError", "trace", "conv_bn_pairs", "bn_producers", "activation_kind",
-    "Link", "equalization_links", "Source", "input_sources", "op_kind", "relu6_to_relu",
+    "Link", "equalization_links", "Source", "input_sources", "op_kind", "relu6_sites", "relu6_to_relu",
 ]
