@@ -54,6 +54,7 @@ Deviations from the reference, all recorded here:
 
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -317,11 +318,15 @@ class SquantRange:
     def update(self, x: Tensor) -> None:
         if self.hi is not None:  # the reference initializes once, from the first batch
             return
-        x = x.detach().double()
+        x = x.detach()
         xmax = float(x.max())
         signed = bool(x.min() < 0)
-        entries = x if signed else x[x > 0]
-        std = float(entries.std()) if entries.numel() > 1 else float("nan")
+        # std of all entries (signed) or of the positive ones, unbiased like torch.std, from float64
+        # sums: no masked or float64 copy of a possibly huge activation batch.
+        n = x.numel() if signed else int(torch.count_nonzero(x))
+        s1 = float(x.sum(dtype=torch.float64))
+        s2 = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+        std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1)) if n > 1 else float("nan")
         alpha = self.k * std / 1.25 if signed else self.k * std
         if self.bits < 6:
             alpha = min(alpha, xmax)
