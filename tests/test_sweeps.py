@@ -252,3 +252,55 @@ def test_eval_cache_hit_gives_the_same_metrics_as_no_cache(tmp_path):
     entry.write_bytes(b"torn")
     again = run(compose_cfg([*base, f"eval_cache={tmp_path / 'c'}"]))
     assert again["eval_cache"] == "miss" and again["kl_fp32"] == plain["kl_fp32"]
+
+
+# --- the reference sweep driver ------------------------------------------------------------------
+
+def load_reference_sweep():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_sweep", CONF_DIR.parent / "scripts" / "reference_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_sweep_plan_covers_every_bit_width_and_seeds_only_seeded_settings():
+    ref = load_reference_sweep()
+    assert "dummy" not in ref.all_methods() and {"rtn", "squant"} <= set(ref.all_methods())
+    steps = ref.plan(["rtn", "genie"], ["test_cnn"], 3, ["dataset=fake"])
+    by = [(s.method, [o for o in s.overrides if o.split("=")[0] in ("wbits", "abits", "seed", "method", "data")],
+           s.n_runs) for s in steps]
+    assert by == [
+        ("rtn", ["method=rtn", "wbits=2,3,4,6,8", "abits=null", "seed=0"], 5),  # deterministic: one seed
+        ("rtn", ["method=rtn", "wbits=4", "abits=4,8", "seed=0,1,2"], 6),  # noise calibration: 3 seeds
+        ("rtn", ["method=rtn", "wbits=6", "abits=6", "seed=0,1,2"], 3),
+        ("rtn", ["method=rtn", "wbits=8", "abits=8", "seed=0,1,2"], 3),
+        ("genie", ["method=genie_cpu", "data=genie_cpu", "wbits=4", "abits=4", "seed=0"], 1),
+        ("genie", ["method=genie_cpu", "data=genie_cpu", "wbits=8", "abits=8", "seed=0"], 1),
+    ]
+
+
+@pytest.mark.slow
+def test_reference_sweep_script_runs_resumes_and_reproduces_its_tables(tmp_path):
+    out = tmp_path / "ref"
+    cmd = [sys.executable, str(CONF_DIR.parent / "scripts" / "reference_sweep.py"), "--methods", "rtn",
+           "--models", "test_cnn", "--dataset", "fake", "--seeds", "2", "--out", str(out),
+           "--eval-cache", str(tmp_path / "cache"), "--sweep-dir", str(tmp_path / "multirun"),
+           "dataset.num_samples=32", "dataset.batch_size=32"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 0, first.stderr
+    rows, errors = rows_of(out)
+    assert not errors and len(rows) == 5 + 4 + 2 + 2 and all(r["status"] == "ok" for r in rows)
+    assert sorted({(r["wbits"], r["abits"]) for r in rows}, key=str) == sorted(
+        [(2, None), (3, None), (4, None), (6, None), (8, None), (4, 4), (4, 8), (6, 6), (8, 8)], key=str)
+    assert [r["eval_cache"] for r in rows].count("miss") == 1  # one FP32 pass over the test set
+    tables = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".tex", ".csv", ".png", ".pdf")}
+    assert {"tables.md", "summary.csv", "SWEEP.md", "acc_vs_bits__test_cnn__fake.png"} <= set(tables)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0 and second.stdout.count("skipped: run_id") == 13
+    assert len(rows_of(out)[0]) == 13
+    for name, blob in tables.items():
+        if name != "SWEEP.md":  # it records the start time
+            assert (out / name).read_bytes() == blob, name
