@@ -58,6 +58,7 @@ def seeded(method_overrides: list[str], wbits: int, abits: int | None, common: l
     import torch
     from hydra import compose, initialize_config_dir
 
+    from dfq_bench import catalog  # noqa: F401  (fills the registries)
     from dfq_bench.config import CONF_DIR, plugin_config, register_configs
     from dfq_bench.method import QuantContext
     from dfq_bench.registry import METHODS

