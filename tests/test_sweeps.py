@@ -151,6 +151,7 @@ def test_done_index_reads_only_new_bytes_counts_only_ok_rows_and_notices_a_new_f
     assert set(finished_rows(tmp_path)) == {"z"}
 
 
+@pytest.mark.slow
 def test_single_run_skips_a_done_run_id_despite_corrupt_lines_unless_skip_done_false(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
