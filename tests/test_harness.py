@@ -73,7 +73,7 @@ def test_every_config_composes_and_validates(group, option):
         ("protocol.a_granularity=per_channel", "a_granularity='per_channel' is not supported"),
         ("protocol.act_range=minmx", "did you mean 'minmax'?"),
         ("device=tpu", "device='tpu' is invalid"),
-        ("+method.bogus=1", "method.rtn: Key 'bogus' not in"),
+        ("+method.bogus=1", "method.squant: Key 'bogus' not in"),
     ],
 )
 def test_invalid_values_fail_before_any_model_is_built(override, message):
