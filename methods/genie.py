@@ -259,7 +259,6 @@ class Genie(Method):
             plans[1].a_bits = cfg.second_abits
         ctx.info["n_layers"] = len(plans)
         per_channel = protocol.w_granularity == "per_channel"
-        g_mask = torch.Generator(device=ctx.example_input.device).manual_seed(ctx.seed)
         for p in plans:
             grid = None
             if p.w_bits is not None:
@@ -267,7 +266,7 @@ class Genie(Method):
                 parametrize.register_parametrization(p.module, "weight", SoftRoundWeight(p.module.weight, grid))
             act = None
             if p.a_bits is not None:
-                act = LsqActQuant(p.a_bits, protocol.a_symmetric, cfg.drop_p, cfg.p_norm, g_mask)
+                act = LsqActQuant(p.a_bits, protocol.a_symmetric, cfg.drop_p, cfg.p_norm).to(p.module.weight.device)
             _set_submodule(qmodel, p.name, QuantLayer(p.module, act, grid, p.w_bits))
         x = torch.cat(list(ctx.calib)).to(ctx.example_input.device)
         blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in plans])
