@@ -224,6 +224,25 @@ def w8a8_rows(tmp_path_factory):
                                    f"results_dir={out}"])) for name in ZOO}
 
 
+@pytest.fixture(scope="module")
+def w8a8_subset_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("subset_rows")
+    return {name: run(compose_cfg([f"model={name}", "dataset=fashion_mnist", "dataset.limit=2000", "method=rtn",
+                                   "wbits=8", "abits=8", f"results_dir={out}"])) for name in ZOO}
+
+
+@needs_data
+@needs_weights
+@pytest.mark.parametrize("name", ZOO)
+def test_rtn_w8a8_is_close_to_fp32_on_a_2000_image_subset(name, w8a8_subset_rows):
+    # The fast default check; the full 10k test set (and the recorded FP32 top-1) is the slow test below.
+    row = w8a8_subset_rows[name]
+    assert row["status"] == "ok" and row["n_eval"] == 2000
+    assert row["top1_fp32"] >= (88.0 if name == "mobilenetv2_fmnist" else 90.0)
+    assert abs(row["top1"] - row["top1_fp32"]) <= 0.5 and row["agree_fp32"] >= 98.0
+
+
+@pytest.mark.slow
 @needs_data
 @needs_weights
 @pytest.mark.parametrize("name", ZOO)
