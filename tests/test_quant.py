@@ -212,8 +212,9 @@ def test_percentile_rule_is_inside_minmax():
 
 
 def test_method_returns_new_model_and_leaves_float_model_untouched():
-    from dfq_bench.method import QuantContext
     from dfq_bench.methods.rtn import RTN
+
+    from dfq_bench.method import QuantContext
 
     model = make_test_cnn(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
