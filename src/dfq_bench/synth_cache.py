@@ -25,6 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from dfq_bench.evalcache import weights_sha256
+
 log = logging.getLogger(__name__)
 FORMAT = 1
 _NOT_IN_KEY = ("cache", "cache_dir")
@@ -38,16 +40,6 @@ class Batches(list):
         self.info = dict(info or {})
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def cache_dir(cfg) -> Path:
     root = cfg.get("cache_dir") or os.environ.get("DFQ_BENCH_CACHE") or Path.home() / ".cache" / "dfq_bench"
     return Path(root) / "synth"
@@ -57,7 +49,7 @@ def cache_key(cfg, model: nn.Module, input_size, seed: int, device: str) -> str:
     gen_cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     for k in _NOT_IN_KEY:
         gen_cfg.pop(k, None)
-    blob = {"format": FORMAT, "generator": gen_cfg, "weights": weights_digest(model),
+    blob = {"format": FORMAT, "generator": gen_cfg, "weights": weights_sha256(model),
             "input_size": list(input_size), "seed": int(seed), "device": torch.device(device).type}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
