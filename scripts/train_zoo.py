@@ -122,6 +122,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the package data must be world-readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
