@@ -1,4 +1,4 @@
-"""Benchmark of the default command, ``python -m dfq_bench`` (RTN W4A4 on resnet20_fmnist, the full
+"""Benchmark of the default command, ``python -m dfq_bench`` (SQuant W4A4 on resnet20_fmnist, the full
 10k Fashion-MNIST test set), run in a subprocess as a user would.
 
 Prints, over ``--repeats`` runs (default 3), each run's wall time and its result row's timings, then

@@ -106,6 +106,27 @@ def test_activation_quantizer_output_on_grid():
     assert float(signed.scale) == pytest.approx(2.0 / 7)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("lo,hi", [(0.0, 3.7), (-1.3, 2.9), (-2.5, 2.5)])
+def test_activation_quantizer_eval_path_equals_torch_fake_quant(bits, lo, hi):
+    """The in-place evaluation path gives exactly torch's fused op (with gradient it is the fused op),
+    including inputs at and one ulp around every .5 tie of the grid."""
+    aq = ActQuant(bits, symmetric=lo == -hi)
+    aq.set_range(lo, hi)
+    ties = (torch.arange(-300, 300).float() + 0.5) * aq.scale
+    big, small = torch.tensor(1e9), torch.tensor(-1e9)
+    x = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(bits)) * 4, ties,
+                   ties.nextafter(big), ties.nextafter(small)])
+    ref = torch.fake_quantize_per_tensor_affine(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax)
+    with torch.no_grad():
+        assert torch.equal(aq(x), ref)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = aq(xg)  # with a gradient: torch's op, straight-through estimator
+    out.sum().backward()
+    torch.fake_quantize_per_tensor_affine(xr, aq.scale, aq.zero_point, aq.qmin, aq.qmax).sum().backward()
+    assert torch.equal(out.detach(), ref) and torch.equal(xg.grad, xr.grad)
+
+
 def test_asymmetric_activation_grid_has_integer_zero_point():
     grid = grid_from_range(torch.tensor(-1.0), torch.tensor(3.0), 8, symmetric=False, signed=False)
     assert float(grid.zero_point) == round(1.0 / (4.0 / 255))
