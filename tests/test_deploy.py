@@ -257,7 +257,8 @@ def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_pat
     assert row["int_ops"] == {"ConvInteger": 2, "QGemm": 1, "QLinearConv": 2} and row["n_int_ops"] == 5
     assert row["agree_int"] >= 95.0 and abs(row["top1_int"] - row["top1"]) <= 100.0 * 3 / 64
     assert 0.0 <= row["max_logit_diff"] < 0.5
-    assert row["lat_batch"] == 32 and min(row["lat_fp32_torch_ms"], row["lat_fp32_ort_ms"], row["lat_int_ort_ms"]) > 0
+    assert row["lat_batch"] == 32 and row["lat_threads"] == torch.get_num_threads()
+    assert min(row["lat_fp32_torch_ms"], row["lat_fp32_ort_ms"], row["lat_int_ort_ms"]) > 0
     assert (tmp_path / "run" / "deploy" / "model_int.optimized.onnx").is_file()
     bad = _compose([*base, "wbits=16", "protocol.first_wbits=null", "protocol.last_wbits=null",
                     "deploy=onnxruntime"])

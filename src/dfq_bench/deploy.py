@@ -680,7 +680,11 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
                    out_dir: str | Path | None = None, repeats: int = 7, lat_batch: int = 64) -> dict:
     """Exports ``qmodel`` (and ``fp_model``), runs the integer model with ORT over ``loader`` next
     to the fake-quant model, and times FP32 torch / FP32 ORT / integer ORT on the first
-    ``lat_batch`` images of the first batch (median of ``repeats`` runs after 2 warm-up runs).
+    ``lat_batch`` images of the first batch (median of ``repeats`` runs after 2 warm-up runs), ORT and
+    torch with the same number of threads (``lat_threads``). The latencies are only as good as the
+    machine is quiet: torch's OpenMP threads wait on each other, so with more busy threads than cores a
+    2-thread torch forward can take 10-50x longer (the FP32-torch column of results/deploy.md's first
+    version, made under load average ~7); quote scripts/bench_deploy.py for latency.
 
     Returns the row fields: top1_int, agree_int (percent of images where the integer model's top-1
     equals the fake-quant model's), max_logit_diff (integer vs fake-quant, over all images),
@@ -697,8 +701,9 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
         exp = export(qmodel, example_input, out_dir / "model_int.onnx")
         export(fp_model, example_input, out_dir / "model_fp32.onnx")
         opt = out_dir / "model_int.optimized.onnx"
-        s_int = session(exp.path, opt)
-        s_fp = session(out_dir / "model_fp32.onnx")
+        threads = torch.get_num_threads()  # ORT gets torch's thread count: the latencies compare like with like
+        s_int = session(exp.path, opt, threads)
+        s_fp = session(out_dir / "model_fp32.onnx", threads=threads)
         ops = op_counts(opt)
         n = top1 = agree = 0
         max_diff = 0.0
@@ -728,7 +733,7 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
             "int_ops": {k: v for k, v in sorted(ops.items()) if k in INTEGER_OPS},
             "deploy_layers": {"quantized": exp.n_quant_layers, "requantized": exp.n_requantized,
                               "conv_integer": exp.n_conv_integer, "float": exp.n_float_layers},
-            **lat, "lat_batch": len(first),
+            **lat, "lat_batch": len(first), "lat_threads": threads,
             "speedup_int_vs_fp32_ort": lat["lat_fp32_ort_ms"] / lat["lat_int_ort_ms"],
             "t_deploy_s": time.perf_counter() - t_start,
             "deploy_dir": None if tmp is not None else str(out_dir),
