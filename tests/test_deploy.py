@@ -132,6 +132,10 @@ def test_integer_levels_and_logits_stay_within_requantization_error(tmp_path, wb
         np.testing.assert_array_equal(inits[f"{name}.b_q"].reshape(-1), b_int.numpy().astype(np.int32))
         assert ((b_int * ps - qmodel.get_submodule(name).layer.bias.double()).abs() <= 0.5 * ps + 1e-12).all()
         rounded.get_submodule(name).layer.bias.data = (b_int * ps).float()
+    sim32 = deploy.with_int32_biases(qmodel)  # the row's int32-bias simulation is this reference
+    for name, m in quant_layers(rounded).items():
+        if m.layer.bias is not None:
+            torch.testing.assert_close(sim32.get_submodule(name).layer.bias, m.layer.bias, rtol=1e-6, atol=0)
 
     q_ort, logits_int = _ort_levels(exp, tmp_path, x)
     assert deploy.op_counts(tmp_path / "opt.onnx").get("QLinearConv", 0) == exp.n_requantized
@@ -190,6 +194,10 @@ def test_max_pooling_runs_on_the_levels_so_the_conv_before_it_fuses(tmp_path):
     rounded = copy.deepcopy(qmodel)
     for name, (b_int, ps) in _int32_biases(qmodel).items():
         rounded.get_submodule(name).layer.bias.data = (b_int * ps).float()
+    sim32 = deploy.with_int32_biases(qmodel)  # the row's int32-bias simulation is this reference
+    for name, m in quant_layers(rounded).items():
+        if m.layer.bias is not None:
+            torch.testing.assert_close(sim32.get_submodule(name).layer.bias, m.layer.bias, rtol=1e-6, atol=0)
     ref, _ = _sim_levels(rounded, x, forced=q_ort)
     for name, q_sim in ref.items():
         diff = (q_ort[name] - q_sim).abs()
@@ -207,6 +215,10 @@ def test_eight_bit_asymmetric_weights_use_the_zero_point_correction(tmp_path):
     rounded = copy.deepcopy(qmodel)
     for name, (b_int, ps) in _int32_biases(qmodel).items():
         rounded.get_submodule(name).layer.bias.data = (b_int * ps).float()
+    sim32 = deploy.with_int32_biases(qmodel)  # the row's int32-bias simulation is this reference
+    for name, m in quant_layers(rounded).items():
+        if m.layer.bias is not None:
+            torch.testing.assert_close(sim32.get_submodule(name).layer.bias, m.layer.bias, rtol=1e-6, atol=0)
     q_ort, logits_int = _ort_levels(exp, tmp_path, x)
     ref, logits_sim = _sim_levels(rounded, x, forced=q_ort)
     for name, q_sim in ref.items():
@@ -257,6 +269,8 @@ def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_pat
     assert row["int_ops"] == {"ConvInteger": 2, "QGemm": 1, "QLinearConv": 2} and row["n_int_ops"] == 5
     assert row["agree_int"] >= 95.0 and abs(row["top1_int"] - row["top1"]) <= 100.0 * 3 / 64
     assert 0.0 <= row["max_logit_diff"] < 0.5
+    assert row["agree_int_sim_int32_bias"] >= row["agree_int"] - 100.0 * 2 / 64
+    assert abs(row["top1_sim_int32_bias"] - row["top1_int"]) <= 100.0 * 2 / 64
     assert row["lat_batch"] == 32 and row["lat_threads"] == torch.get_num_threads()
     assert min(row["lat_fp32_torch_ms"], row["lat_fp32_ort_ms"], row["lat_int_ort_ms"]) > 0
     assert (tmp_path / "run" / "deploy" / "model_int.optimized.onnx").is_file()
