@@ -18,4 +18,8 @@ for MD in "mobilenetv2_fmnist fashion_mnist" "efficientnet_lite0 imagenet_sample
   python -m dfq_bench -m "${D[@]}" method.bias_absorption=false method.bias_correction=false   # +CLE
   python -m dfq_bench -m "${D[@]}" method.bias_correction=false                   # +absorption
   python -m dfq_bench -m "${D[@]}"                                                # +bias correction
+  S=("${D[@]}" method.relu6_scope=safe)   # ReLU6 -> ReLU only where BN statistics keep it exact
+  python -m dfq_bench -m "${S[@]}" method.bias_absorption=false method.bias_correction=false   # +CLE
+  python -m dfq_bench -m "${S[@]}" method.bias_correction=false                   # +absorption
+  python -m dfq_bench -m "${S[@]}"                                                # +bias correction
 done
