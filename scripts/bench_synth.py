@@ -18,30 +18,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+from bench_default import run_once  # scripts/ is on sys.path when this file runs as a script
 
 ZEROQ_DATA_TARGET_S, GENIE_RUN_TARGET_S = 60.0, 600.0
-
-
-def run_once(overrides: list[str]) -> tuple[float, dict]:
-    with tempfile.TemporaryDirectory(prefix="dfq_bench_synth_") as tmp:
-        env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dfq_bench", *overrides], cwd=tmp, env=env,
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-            sys.exit(f"error: `python -m dfq_bench {' '.join(overrides)}` exited {proc.returncode}: {tail}")
-        rows = [json.loads(line) for line in (Path(tmp) / "results" / "runs.jsonl").read_text().splitlines()]
-    return wall, rows[-1]
 
 
 def bench(label: str, overrides: list[str], repeats: int) -> list[tuple[float, dict]]:

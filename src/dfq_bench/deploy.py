@@ -357,7 +357,7 @@ class _GraphBuilder:
             if p is None:
                 inputs.append(self.const(f"{name}.bias", bias.astype(np.float32)))
             else:
-                b_scale = (np.float32(p.scale) * w_scale).astype(np.float32)
+                b_scale = _product_scale(p, w_scale)
                 b_q = self.const(f"{name}.b_q", _int32_bias(name, bias, b_scale, len(bias)))
                 inputs.append(self.op("DequantizeLinear", [b_q, self.const(f"{name}.b_scale", b_scale),
                                                            self.const(f"{name}.b_zero_point",
@@ -413,7 +413,7 @@ class _GraphBuilder:
         # the grid itself, unused by the nodes above, so that every layer's file record is the same
         self.const(f"{name}.w_scale", w_scale)
         self.const(f"{name}.w_zero_point", w_zp)
-        scale = (np.float32(p.scale) * w_scale).astype(np.float32)
+        scale = _product_scale(p, w_scale)
         if bias is not None:
             b = _int32_bias(name, bias, scale, out_ch).reshape(bshape)
             acc = self.op("Add", [acc, self.const(f"{name}.b_q", b)], f"{name}.acc_b")
@@ -568,6 +568,11 @@ class _GraphBuilder:
         return model
 
 
+def _product_scale(p: ActParams, w_scale: np.ndarray) -> np.ndarray:
+    """s_x * s_w[c] in float32: the scale of a layer's int32 accumulator and of its int32 bias."""
+    return (np.float32(p.scale) * w_scale).astype(np.float32)
+
+
 def _int32_bias(name: str, bias: np.ndarray, scale: np.ndarray, n: int) -> np.ndarray:
     q = np.round(bias / np.broadcast_to(scale.astype(np.float64), (n,)))
     if np.abs(q).max(initial=0) >= 2**31 - 1:
@@ -684,7 +689,7 @@ def with_int32_biases(qmodel: nn.Module) -> nn.Module:
     for m in sim.modules():
         if isinstance(m, QuantLayer) and _GraphBuilder._integer_layer(m) and m.layer.bias is not None:
             b = m.layer.bias.detach().cpu().numpy().astype(np.float64)
-            scale = (np.float32(act_params("", m.act_quant).scale) * weight_params("", m)[1]).astype(np.float32)
+            scale = _product_scale(act_params("", m.act_quant), weight_params("", m)[1])
             q = _int32_bias("", b, scale, len(b)) * np.broadcast_to(scale.astype(np.float64), b.shape)
             m.layer.bias.data.copy_(torch.from_numpy(q.astype(np.float32)))
     return sim
