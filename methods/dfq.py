@@ -44,7 +44,12 @@ Deviations and choices:
   upstream layers' own quantization causes is not propagated (as in the paper's analytic version).
 - The reimplementation that hard-codes 8 bits in bias correction is not followed (the layer's own
   bits are used). Biases stay in float (the harness never quantizes biases).
-- Steps that do not apply (no BN, no link, untraceable model) are skipped and counted as zero.
+- Steps that do not apply (no BN, no link) are skipped and counted as zero. A model torch.fx cannot
+  trace is refused up front (``UnsupportedError``, one line, before any calibration data is made)
+  unless every graph step is off.
+- timm's fused ``BatchNormAct2d`` is split into BN + activation first (``graph.split_norm_act``), so
+  links, bias correction and the ``bn`` rule see the activation (a SiLU or Hardswish stops a link
+  and gives no BN source; a ReLU or ReLU6 is seen as such).
 """
 
 from __future__ import annotations
@@ -60,12 +65,13 @@ from omegaconf import MISSING, OmegaConf
 from torch import Tensor, nn
 
 from dfq_bench.graph import (
-    BATCHNORM,
     Link,
     TraceError,
+    canonical,
     conv_bn_pairs,
     equalization_links,
     input_sources,
+    is_plain_bn,
     relu6_sites,
 )
 from dfq_bench.graph import relu6_to_relu as replace_relu6
@@ -290,20 +296,22 @@ class _FloatFacts:
 
 
 def float_facts(model: nn.Module) -> _FloatFacts:
+    """Read from a split copy of the float model (``graph.canonical``: fused norm-activation modules
+    split, names as in the prepared working copy); ``model`` itself is never traced or changed."""
+    ref = canonical(model)
     stats = {}
-    for name, m in model.named_modules():
-        if isinstance(m, BATCHNORM):
+    for name, m in ref.named_modules():
+        if is_plain_bn(m):
             n = m.num_features
             gamma = m.weight.detach().double() if m.affine else torch.ones(n, dtype=torch.float64)
             beta = m.bias.detach().double() if m.affine else torch.zeros(n, dtype=torch.float64)
             stats[name] = (beta.clone(), gamma.abs().clone())
     try:
-        bn_of = dict(conv_bn_pairs(model))
-        range_src = {k: s for k, s in input_sources(model, "range").items() if s.name in stats}
-        mean_src = {k: s for k, s in input_sources(model, "mean").items() if s.name in stats}
-        sites = relu6_sites(model)
-    except TraceError as e:
-        log.warning("DFQ: %s; only BN folding and RTN apply", e)
+        bn_of = dict(conv_bn_pairs(ref))
+        range_src = {k: s for k, s in input_sources(ref, "range").items() if s.name in stats}
+        mean_src = {k: s for k, s in input_sources(ref, "mean").items() if s.name in stats}
+        sites = relu6_sites(ref)
+    except TraceError:  # only reached with every graph step off (check_model refuses otherwise)
         return _FloatFacts({}, stats, {}, {}, {}, False)
     return _FloatFacts(bn_of, stats, range_src, mean_src, sites, True)
 
@@ -351,7 +359,12 @@ class DFQ(Method):
         self._eps: dict[str, Tensor] = {}
         self._replaced: set = set()
 
+    def needs_graph(self, ctx: QuantContext) -> bool:
+        c = self.cfg
+        return c.relu6_to_relu or c.cle or c.bias_absorption or c.bias_correction or super().needs_graph(ctx)
+
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
+        self.check_model(model, ctx)  # an untraceable model is refused before any work
         self._facts, self._eps, self._replaced = float_facts(model), {}, set()
         try:
             return super().quantize(model, ctx)
@@ -370,7 +383,7 @@ class DFQ(Method):
             self._replaced = safe_relu6_sites(facts) if safe else set(facts.relu6)
             qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel, self._replaced if safe else None)
         info["n_relu6_kept"] = max(0, sum(len(v) for v in facts.relu6.values()) - info["n_relu6_to_relu"])
-        n_fold = fold_bn(qmodel) if facts.traced else 0  # 0 when the protocol already folded
+        n_fold = fold_bn(qmodel, info)  # 0 when the protocol already folded
         info["n_bn_folded"] = info.get("n_bn_folded", 0) + n_fold
         info["dfq_fold"] = "protocol" if ctx.protocol.fold_bn else "method"
         links = equalization_links(qmodel) if facts.traced else []

@@ -249,7 +249,8 @@ class Genie(Method):
         if cfg.steps < 0 or cfg.batch_size < 1 or not 0.0 <= cfg.drop_p <= 1.0:
             raise ValueError(f"method.steps={cfg.steps}, batch_size={cfg.batch_size}, drop_p={cfg.drop_p}: "
                              "valid: steps >= 0, batch_size >= 1, 0 <= drop_p <= 1")
-        teacher, n_folded = prepare_model(model, protocol.fold_bn)
+        self.check_model(model, ctx)
+        teacher, n_folded = prepare_model(model, protocol.fold_bn, ctx.info)
         ctx.info["n_bn_folded"] = n_folded
         qmodel = copy.deepcopy(teacher)
         for p in qmodel.parameters():

@@ -528,7 +528,7 @@ def test_model_where_nothing_applies_runs_with_zero_counts():
         assert torch.equal(q(x), ref(x))
 
 
-def test_untraceable_model_degrades_to_rtn():
+def test_untraceable_model_is_refused_unless_every_graph_step_is_off():
     class Dyn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -539,9 +539,13 @@ def test_untraceable_model_degrades_to_rtn():
                 x = x * 1.0
             return self.b(F.relu(self.bn(self.a(x))))
 
+    from dfq_bench.config import UnsupportedError
+
     m = randomize_bn(Dyn())
+    with pytest.raises(UnsupportedError, match="cannot run on Dyn"):  # refused before any work
+        dfq().quantize(m, ctx_for(torch.zeros(2, 3, 4, 4), 8, None, None, fold_bn=False))
     ctx = ctx_for(torch.zeros(2, 3, 4, 4), 8, None, None, fold_bn=False)
-    q = dfq().quantize(m, ctx)
+    q = dfq(relu6_to_relu=False, cle=False, bias_absorption=False, bias_correction=False).quantize(m, ctx)
     assert ctx.info["n_cle_pairs"] == 0 and ctx.info["n_bias_corrected"] == 0 and ctx.info["n_bn_folded"] == 0
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():

@@ -56,7 +56,7 @@ def all_group_options():
 @pytest.mark.parametrize("group,option", list(all_group_options()))
 def test_every_config_composes_and_validates(group, option):
     prefix = "+" if group == "experiment" else ""
-    extra = ["model.name=resnet18"] if (group, option) == ("model", "timm") else []  # name: ???
+    extra = ["model.name=resnet18"] if (group, option) in (("model", "timm"), ("model", "torchvision")) else []
     cfg = _compose([f"{prefix}{group}={option}", *extra])
     validate_config(cfg)
     if group != "experiment":

@@ -22,7 +22,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, register_configs, validate_config
+from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, UnsupportedError, register_configs, validate_config
 from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
 from dfq_bench.results import ResultsDirError, check_writable
 from dfq_bench.sweep import finished_row
@@ -82,6 +82,11 @@ def task(cfg: DictConfig):
             return done.get("top1")
     try:
         row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    except UnsupportedError as e:  # refused before any work: no row was written
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            raise JobFailed(f"error: {e}") from None
+        sys.exit(EXIT_BAD_CONFIG)
     except Exception as e:
         message = f"error: run failed ({type(e).__name__}: {e}); a failed row was written"
         print(message, file=sys.stderr)

@@ -27,10 +27,11 @@ class Granularity(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # registry key; with source=timm, the timm architecture name
-    source: str = "zoo"  # zoo | timm
+    name: str = MISSING  # registry key; with source=timm|torchvision, the library's architecture name
+    source: str = "zoo"  # zoo | timm | torchvision
     weights: str | None = None  # library pretrained tag, or a local state-dict path
     sha256: str | None = None  # expected sha256 of a local weights file
+    bn_reestimate: int = 0  # > 0: re-estimate BN statistics on this many normalized noise images (random init)
 
 
 @dataclass
@@ -103,6 +104,11 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the value and what is valid."""
 
 
+class UnsupportedError(ConfigError):
+    """A method that cannot run on this model (e.g. it needs the layer graph and the model cannot
+    be traced); raised before any calibration data is made or any weight is changed, one line."""
+
+
 def _check_bits(key: str, value: Any, allow_none: bool) -> None:
     if value is None and allow_none:
         return
@@ -141,8 +147,15 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"device={cfg.device!r} is invalid; valid: cpu, cuda, cuda:N")
     MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
-    if cfg.model.source == "timm" and OmegaConf.is_missing(cfg.model, "name"):
-        raise ConfigError("model.name is missing; valid: a timm architecture (model.name=resnet18)")
+    if cfg.model.source in ("timm", "torchvision"):
+        if OmegaConf.is_missing(cfg.model, "name"):
+            raise ConfigError(f"model.name is missing; valid: a {cfg.model.source} architecture "
+                              "(model.name=resnet18)")
+        from dfq_bench.models.torchvision_timm import check_arch
+
+        check_arch(cfg.model.source, str(cfg.model.name))
+    if not isinstance(cfg.model.bn_reestimate, int) or cfg.model.bn_reestimate < 0:
+        raise ConfigError(f"model.bn_reestimate={cfg.model.bn_reestimate!r} is invalid; valid: an integer >= 0")
     DATASETS.get(cfg.dataset.name)
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
@@ -183,4 +196,6 @@ def identity_config(cfg: DictConfig) -> dict:
         d.pop("paper", None)
     if d.get("deploy") is None:  # likewise for runs without the deployed-integer check
         d.pop("deploy", None)
+    if not d.get("model", {}).get("bn_reestimate"):  # likewise for models without BN re-estimation
+        d.get("model", {}).pop("bn_reestimate", None)
     return d

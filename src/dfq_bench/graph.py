@@ -2,10 +2,24 @@
 
 Conv, Linear and BatchNorm modules are kept as leaves, also subclasses with their own forward
 (efficientnet-lite's same-padding convs), so graph nodes name the real modules.
+
+Fused norm-activation modules (timm's ``BatchNormAct2d`` and ``SyncBatchNormAct``: a BN subclass
+whose forward also applies a dropout and an activation) are split before anything is traced
+(``split_norm_act``): each becomes a ``NormAct`` holding a plain BN (``<name>.bn``) followed by its
+own ``drop`` and ``act`` modules, so that folding removes only the BN and every walk sees the
+activation that is really there. Any other BN subclass whose forward is not plain BN is kept as an
+opaque leaf: never folded, never read as a BN by the range rule or by DFQ (``is_plain_bn``).
+
+Tracing never touches the model it is given: ``trace`` traces a split deep copy (``canonical``),
+so modules that cache tensors while traced (timm LeViT's attention-bias cache) are left clean.
+The names every function here returns are those of that split model: for a model without fused
+modules they are the model's own names; a conv's and an activation's names never change.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +36,59 @@ _RELU_FUNCTIONS = {F.relu, torch.relu}
 _RELU6_FUNCTIONS = {F.relu6}
 
 
+def _norm_act_types() -> tuple[type, ...]:
+    try:
+        from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+    except ImportError:  # timm is an extra
+        return ()
+    return BatchNormAct2d, SyncBatchNormAct
+
+
+NORM_ACT = _norm_act_types()  # BN subclasses whose forward is BN -> self.drop -> self.act
+_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def is_plain_bn(m: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's (nn.SyncBatchNorm's included): foldable, readable."""
+    return isinstance(m, BATCHNORM + (nn.SyncBatchNorm,)) and type(m).forward in _PLAIN_BN_FORWARDS
+
+
+class NormAct(nn.Sequential):
+    """A fused norm-activation module split into its parts: ``bn`` (plain BN) -> ``drop`` -> ``act``."""
+
+
+def _plain_bn_of(m: nn.Module) -> nn.Module:
+    """A plain BN of ``m``'s dimensionality sharing ``m``'s parameters and buffers."""
+    cls = nn.BatchNorm2d if isinstance(m, nn.BatchNorm2d) else nn.BatchNorm1d if isinstance(
+        m, nn.BatchNorm1d) else nn.BatchNorm3d if isinstance(m, nn.BatchNorm3d) else nn.SyncBatchNorm
+    bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    for name in ("weight", "bias"):
+        setattr(bn, name, getattr(m, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(bn, name, getattr(m, name))
+    return bn.train(m.training)
+
+
+def split_norm_act(model: nn.Module) -> int:
+    """Replaces every fused norm-activation module (``NORM_ACT``) by a float-identical ``NormAct``,
+    in place (the new BN shares the old one's tensors). Returns how many were split."""
+    found = [(n, m) for n, m in model.named_modules() if n and isinstance(m, NORM_ACT)]
+    split = {}
+    for name, m in found:
+        if id(m) not in split:
+            split[id(m)] = NormAct(OrderedDict(bn=_plain_bn_of(m), drop=m.drop, act=m.act))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, split[id(m)])
+    return len(split)
+
+
+def canonical(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its fused norm-activation modules split (see above)."""
+    copy_ = copy.deepcopy(model)
+    split_norm_act(copy_)
+    return copy_
+
+
 class LeafTracer(fx.Tracer):
     """Keeps Conv/Linear/BN (and their subclasses) as leaf modules."""
 
@@ -34,12 +101,20 @@ class TraceError(RuntimeError):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically traces ``model``; the GraphModule shares the model's submodules."""
+    """Symbolically traces a split deep copy of ``model`` (``canonical``); ``model`` is untouched.
+
+    Raises:
+        TraceError: the model cannot be traced (data-dependent control flow, ...); the message
+            names the model and torch.fx's reason in one line.
+    """
+    root = canonical(model)
     try:
-        graph = LeafTracer().trace(model)
+        graph = LeafTracer().trace(root)
     except Exception as e:
-        raise TraceError(f"cannot trace {type(model).__name__} with torch.fx: {e}") from e
-    return fx.GraphModule(model, graph)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
+                         f"{first[:200]})") from e
+    return fx.GraphModule(root, graph)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -47,17 +122,61 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) module names where the BN's only input is a conv whose only user is that BN."""
+    """(conv, bn) module names where the BN's only input is a conv whose only user is that BN.
+    Only plain BNs (``is_plain_bn``); names as in ``canonical(model)``."""
     gm = trace(model)
     pairs = []
     for node in gm.graph.nodes:
         bn = _module(gm, node)
-        if not isinstance(bn, BATCHNORM):
+        if not is_plain_bn(bn):
             continue
         src = node.args[0]
         conv = _module(gm, src) if isinstance(src, fx.Node) else None
         if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and len(src.users) == 1:
             pairs.append((src.target, node.target))
+    return pairs
+
+
+def _conv_norm_act_type() -> type | None:
+    try:
+        from timm.layers import ConvNormAct
+    except ImportError:
+        return None
+    return ConvNormAct
+
+
+def module_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) pairs found without tracing, where the module structure alone makes folding exact:
+    a conv directly followed by a plain BN (or a ``NormAct``'s BN) in an ``nn.Sequential`` whose
+    forward is Sequential's, or the ``conv`` and ``bn`` of a timm ``ConvNormAct``; each conv and BN
+    used at one place only. The fallback of BN folding for models torch.fx cannot trace."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    cna = _conv_norm_act_type()
+
+    def bn_part(name: str, m: nn.Module) -> str | None:
+        if isinstance(m, NormAct):
+            m, name = m.bn, f"{name}.bn"
+        return name if is_plain_bn(m) and uses[id(m)] == 1 else None
+
+    pairs = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            kids = list(m.named_children())
+            candidates = [(a, b) for (a, _), (b, _) in zip(kids, kids[1:], strict=False)]
+        elif cna is not None and isinstance(m, cna) and type(m).forward is cna.forward:
+            candidates = [("conv", "bn")]
+        else:
+            continue
+        for a, b in candidates:
+            conv, nxt = m.get_submodule(a), m.get_submodule(b)
+            if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or uses[id(conv)] != 1:
+                continue
+            bn = bn_part(prefix + b, nxt)
+            if bn is not None and model.get_submodule(bn).num_features == conv.out_channels:
+                pairs.append((prefix + a, bn))
     return pairs
 
 
@@ -83,6 +202,14 @@ def _passes_range(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _PASS_METHODS
 
 
+def _own(model: nn.Module, name: str, fallback: nn.Module) -> nn.Module:
+    """``model``'s module ``name`` if it has one (the traced copy's otherwise: a split BN part)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return fallback
+
+
 def bn_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
     """For each Conv/Linear whose input comes from a BN (through an optional ReLU/ReLU6 and
     range-preserving ops such as pooling), maps its name to (that BN, activation kind)."""
@@ -100,8 +227,8 @@ def bn_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
                 break
             src = src.args[0]
         bn = _module(gm, src) if isinstance(src, fx.Node) else None
-        if isinstance(bn, BATCHNORM):
-            found[node.target] = (bn, act)
+        if is_plain_bn(bn):
+            found[node.target] = (_own(model, src.target, bn), act)
     return found
 
 
@@ -279,6 +406,8 @@ def relu6_sites(model: nn.Module) -> dict[str, list[str | None]]:
     for node in gm.graph.nodes:
         if activation_kind(gm, node) == "relu6":
             src = node.args[0]
+            while isinstance(src, fx.Node) and op_kind(gm, src) == "identity":  # e.g. a NormAct's drop
+                src = src.args[0]
             feeding = src.target if isinstance(src, fx.Node) and src.op == "call_module" else None
             sites.setdefault(_site_key(node), []).append(feeding)
     return sites
@@ -333,6 +462,7 @@ def relu6_to_relu(model: nn.Module, only=None) -> tuple[nn.Module, int]:
 
 
 __all__ = [
+    "NORM_ACT", "NormAct", "is_plain_bn", "split_norm_act", "canonical", "module_conv_bn_pairs",
     "LeafTracer", "TraceError", "trace", "conv_bn_pairs", "bn_producers", "activation_kind",
     "Link", "equalization_links", "Source", "input_sources", "op_kind", "relu6_sites", "relu6_to_relu",
 ]

@@ -20,6 +20,8 @@ from typing import Any
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from dfq_bench.config import UnsupportedError
+from dfq_bench.graph import TraceError, trace
 from dfq_bench.observers import calibrate_activations
 from dfq_bench.quant import Grid, LayerPlan, plan_layers, prepare_model, quantize_weights
 
@@ -57,12 +59,30 @@ class Method:
     def act_range(self, ctx: QuantContext) -> str:
         return ctx.protocol.act_range or self.default_act_range
 
+    def needs_graph(self, ctx: QuantContext) -> bool:
+        """Whether this run needs the traced layer graph (the runner refuses an untraceable model
+        up front). The base class needs it only for the ``bn`` range rule."""
+        return ctx.abits is not None and self.act_range(ctx) == "bn"
+
+    def check_model(self, model: nn.Module, ctx: QuantContext, label: str | None = None) -> None:
+        """Raises ``UnsupportedError`` (one line, before any work) if this run cannot be done on
+        ``model``: here, if it needs the layer graph and torch.fx cannot trace the model."""
+        if not self.needs_graph(ctx):
+            return
+        try:
+            trace(model)
+        except TraceError as e:
+            why = "the bn range rule" if type(self).needs_graph is Method.needs_graph else "its steps"
+            raise UnsupportedError(f"method {self.name} cannot run on {label or type(model).__name__}: {why} "
+                                   f"need the layer graph, and {e}") from None
+
     def wants_data(self, ctx: QuantContext) -> bool:
         """Whether the runner must produce calibration batches (timed as t_synth_s)."""
         return self.needs_data or ctx.abits is not None
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
-        qmodel, n_folded = prepare_model(model, ctx.protocol.fold_bn)
+        self.check_model(model, ctx)
+        qmodel, n_folded = prepare_model(model, ctx.protocol.fold_bn, ctx.info)
         ctx.info["n_bn_folded"] = n_folded
         qmodel = self.transform(qmodel, ctx)
         plans = plan_layers(qmodel, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)

@@ -108,6 +108,7 @@ def calibrate_activations(
         if p.a_bits is None:
             continue
         aq = ActQuant(p.a_bits, protocol.a_symmetric)
+        aq.name = p.name
         wrapped[p.name].act_quant = aq
         if p.name in bn_src:
             aq.set_range(*bn_range(*bn_src[p.name]))
@@ -126,7 +127,8 @@ def calibrate_activations(
         for aq in observing:
             if aq.state == "observe":
                 if aq.rule.range()[0] == float("inf"):
-                    raise RuntimeError("an activation quantizer saw no data during calibration")
+                    raise RuntimeError(f"the activation quantizer of layer {aq.name} saw no data during "
+                                       "calibration (the layer was not called)")
                 aq.set_range(*aq.rule.range())
                 aq.rule = None
     return {"n_act_quant": n_bn + len(observing), "n_act_bn_rule": n_bn}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dfq_bench.graph import CONV_LINEAR, conv_bn_pairs
+from dfq_bench.graph import BATCHNORM, CONV_LINEAR, TraceError, conv_bn_pairs, module_conv_bn_pairs, split_norm_act
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -87,6 +87,10 @@ def activation_grid(lo: float, hi: float, bits: int, symmetric: bool) -> Grid:
     return grid_from_range(torch.tensor(lo), torch.tensor(hi), bits, symmetric, signed)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf where a finite value is needed; the message names the layer."""
+
+
 class ActQuant(nn.Module):
     """Per-tensor activation fake-quantizer with three states.
 
@@ -104,6 +108,7 @@ class ActQuant(nn.Module):
         self.lo, self.hi = 0.0, 0.0
         self.state = "off"
         self.rule = None
+        self.name = ""  # the layer it feeds, for error messages
 
     def set_range(self, lo: float, hi: float) -> None:
         grid = activation_grid(lo, hi, self.bits, self.symmetric)
@@ -118,6 +123,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "observe":
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"non-finite activation (NaN or Inf) at the input of layer "
+                                     f"{self.name or '?'} during calibration")
             self.rule.update(x)
             if not self.rule.sequential:
                 return x
@@ -187,10 +195,21 @@ class LayerPlan:
     is_last: bool
 
 
-def fold_bn(model: nn.Module) -> int:
+def fold_bn(model: nn.Module, info: dict | None = None) -> int:
     """Folds every BN whose input is a conv used only by it into that conv, in place; the BN
-    becomes ``nn.Identity``. Returns the number of folded BNs."""
-    pairs = conv_bn_pairs(model)
+    becomes ``nn.Identity``. Returns the number of folded BNs.
+
+    Fused norm-activation modules are split first (``graph.split_norm_act``), so only their BN part
+    is folded and their activation stays. The pairs come from the traced graph; a model torch.fx
+    cannot trace falls back to an exact module-level rule (``graph.module_conv_bn_pairs``: a conv
+    followed by a BN inside an ``nn.Sequential`` or a timm ``ConvNormAct``). ``info``, if given,
+    receives the row fields ``bn_fold_rule`` ("graph" | "module"), ``n_norm_act_split`` and
+    ``n_bn_unfolded`` (BN modules left in the model: not after a conv, or not plain BN)."""
+    n_split = split_norm_act(model)
+    try:
+        pairs, rule = conv_bn_pairs(model), "graph"
+    except TraceError:
+        pairs, rule = module_conv_bn_pairs(model), "module"
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         std = torch.sqrt(bn.running_var + bn.eps)
@@ -203,7 +222,15 @@ def fold_bn(model: nn.Module) -> int:
             new_bias = (bias - bn.running_mean) * factor + beta
         conv.bias = nn.Parameter(new_bias.detach().clone())
         _set_submodule(model, bn_name, nn.Identity())
+    if info is not None:
+        info["bn_fold_rule"] = rule
+        info["n_norm_act_split"] = info.get("n_norm_act_split", 0) + n_split
+        info["n_bn_unfolded"] = count_bn(model)
     return len(pairs)
+
+
+def count_bn(model: nn.Module) -> int:
+    return len({id(m) for m in model.modules() if isinstance(m, BATCHNORM + (nn.SyncBatchNorm,))})
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -211,10 +238,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def prepare_model(model: nn.Module, fold: bool) -> tuple[nn.Module, int]:
-    """A deep copy in eval mode, with BN folded when asked; the float model is never touched."""
+def prepare_model(model: nn.Module, fold: bool, info: dict | None = None) -> tuple[nn.Module, int]:
+    """A deep copy in eval mode with fused norm-activation modules split, and BN folded when asked
+    (``fold_bn``, which fills ``info``); the float model is never touched."""
     qmodel = copy.deepcopy(model).eval()
-    return qmodel, fold_bn(qmodel) if fold else 0
+    if fold:
+        return qmodel, fold_bn(qmodel, info)
+    n_split = split_norm_act(qmodel)
+    if info is not None:
+        info.update(bn_fold_rule=None, n_norm_act_split=n_split, n_bn_unfolded=count_bn(qmodel))
+    return qmodel, 0
 
 
 def execution_order(model: nn.Module, example_input: Tensor) -> list[str]:

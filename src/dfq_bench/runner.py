@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dfq_bench import catalog  # noqa: F401  (fills the registries)
-from dfq_bench.config import identity_config, plugin_config
+from dfq_bench.config import UnsupportedError, identity_config, plugin_config
 from dfq_bench.evalcache import EvalCache, FP32Outputs
 from dfq_bench.loggers import log_row
 from dfq_bench.method import QuantContext
-from dfq_bench.models import BuiltModel
+from dfq_bench.models import BuiltModel, reestimate_bn
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import append_row, check_writable, write_json
 
@@ -51,7 +51,11 @@ def progress_bar(enabled: bool):
 
 
 def build_model(cfg) -> BuiltModel:
-    return MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)(cfg.model)
+    built = MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)(cfg.model)
+    n = cfg.model.get("bn_reestimate") or 0
+    if n > 0:
+        reestimate_bn(built, n)
+    return built
 
 
 def model_label(cfg) -> str:
@@ -169,7 +173,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
     """Runs one configuration (already validated) and returns its row.
 
     The row is appended to ``${results_dir}/runs.jsonl`` (and written to ``run_dir/result.json``)
-    whether the run succeeds or fails; a failure is re-raised after the row is written.
+    whether the run succeeds or fails; a failure is re-raised after the row is written. A refusal
+    (``UnsupportedError``: the method cannot run on this model) is raised before any calibration
+    data is made, and writes no row.
     """
     results_dir = check_writable(cfg.results_dir)
     if progress is None:
@@ -206,9 +212,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         ctx = QuantContext(cfg.wbits, cfg.abits, cfg.protocol, cfg.seed, cfg.device, example,
                            progress=bar)
         method = method_cls(method_cfg)
+        method.check_model(model, ctx, model_label(cfg))  # a refusal: one line, no row, before any work
         if method.wants_data(ctx):
             gen = SYNTH.get(cfg.data.name)
             gen_cfg = plugin_config(gen, cfg.data, "data")
+            if hasattr(gen, "resolve"):  # e.g. noise's space: auto -> pixel | raw for this rule
+                gen_cfg = gen.resolve(gen_cfg, method.act_range(ctx) if cfg.abits is not None else None)
             row["data"] = OmegaConf.to_container(gen_cfg, enum_to_str=True)
             t0 = time.perf_counter()
             ctx.calib = gen.generate(gen_cfg, model, built.input_size, cfg.seed, cfg.device, bundle)
@@ -240,17 +249,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             row.update(deployed_check(model, qmodel, bundle.loader, example,
                                       None if run_dir is None else Path(run_dir) / "deploy"))
         row["status"] = "ok"
+    except UnsupportedError:
+        raise  # refused before any work: no row, like a bad config value
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
+        _write_row(cfg, results_dir, run_dir, row, t_start)
         raise
-    finally:
-        row["t_total_s"] = time.perf_counter() - t_start
-        row["peak_rss_mb"] = peak_rss_mb()
-        append_row(results_dir, row)
-        if run_dir is not None:
-            write_json(Path(run_dir) / "result.json", row)
-        log_row(cfg.get("logger"), row)
+    _write_row(cfg, results_dir, run_dir, row, t_start)
     return row
+
+
+def _write_row(cfg, results_dir: Path, run_dir, row: dict, t_start: float) -> None:
+    row["t_total_s"] = time.perf_counter() - t_start
+    row["peak_rss_mb"] = peak_rss_mb()
+    append_row(results_dir, row)
+    if run_dir is not None:
+        write_json(Path(run_dir) / "result.json", row)
+    log_row(cfg.get("logger"), row)
 
 
 def summary(row: dict) -> str:

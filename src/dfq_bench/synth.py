@@ -2,7 +2,8 @@
 
 Every generator has the same call: ``generate(cfg, model, input_size, seed, device, dataset)``
 returning a list of batches, and its own ``Config`` dataclass. The runner times it as t_synth_s.
-``noise`` is the control for data-free claims; ``real`` (a seeded subset of the dataset's train
+``noise`` is the control for data-free claims (pixel-space noise normalized like the dataset's images,
+or the raw batch of SQuant's rule); ``real`` (a seeded subset of the dataset's train
 split) is the upper bound. ``zeroq`` and ``genie`` (synth_zeroq.py, synth_genie.py) distill images
 from the model's BN statistics and cache them on disk (synth_cache.py); their batches carry an
 ``info`` dict that the runner records as ``data_info``.
@@ -24,7 +25,14 @@ def batched(x: Tensor, batch_size: int) -> list[Tensor]:
 
 
 class Noise:
-    """Uniform [0, 1) (SQuant's released code: not normalized like images) or standard normal."""
+    """Noise images, the control for data-free claims.
+
+    ``space: pixel``: drawn in pixel space (uniform: U[0, 1); gaussian: N(0.5, 0.25^2) clipped to
+    [0, 1]) and normalized with the dataset's mean/std, like the model's real images.
+    ``space: raw``: the draws as they are, not normalized (uniform U[0, 1), SQuant's released code;
+    gaussian N(0, 1)). ``space: auto`` (default): raw for the ``squant`` activation range rule (the
+    reference's batch), pixel otherwise; the row's ``data.space`` records what was used.
+    """
 
     @dataclass
     class Config:
@@ -32,17 +40,45 @@ class Noise:
         num_samples: int = 256
         batch_size: int = 256
         dist: str = "uniform"  # uniform | gaussian
+        space: str = "auto"  # auto | pixel | raw
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        from dfq_bench.config import ConfigError
+
+        if cfg.dist not in ("uniform", "gaussian"):
+            raise ConfigError(f"data.dist={cfg.dist!r} is invalid; valid: uniform, gaussian")
+        if cfg.space not in ("auto", "pixel", "raw"):
+            raise ConfigError(f"data.space={cfg.space!r} is invalid; valid: auto, pixel, raw")
+
+    @staticmethod
+    def resolve(cfg, act_range: str | None):
+        """``cfg`` with ``space: auto`` made concrete for this run's activation range rule."""
+        if cfg.space == "auto":
+            cfg = cfg.copy()
+            cfg.space = "raw" if act_range == "squant" else "pixel"
+        return cfg
 
     @staticmethod
     def generate(cfg, model: nn.Module, input_size, seed: int, device: str, dataset=None) -> list[Tensor]:
         g = torch.Generator().manual_seed(seed)
         shape = (cfg.num_samples, *input_size)
+        space = "pixel" if cfg.space == "auto" else cfg.space
         if cfg.dist == "uniform":
             x = torch.rand(shape, generator=g)
         elif cfg.dist == "gaussian":
             x = torch.randn(shape, generator=g)
+            if space == "pixel":
+                x = (x * 0.25 + 0.5).clamp_(0.0, 1.0)
         else:
             raise ValueError(f"data.dist={cfg.dist!r} is invalid; valid: uniform, gaussian")
+        if space == "pixel":
+            norm = dataset.normalization() if dataset is not None else None
+            if norm is None:
+                raise ValueError("data.space=pixel needs the dataset's normalization (mean/std), and this "
+                                 "dataset gives none; use data.space=raw")
+            mean, std = (torch.tensor(v, dtype=x.dtype).reshape(1, -1, *([1] * (x.dim() - 2))) for v in norm)
+            x = (x - mean) / std
         return batched(x.to(device), cfg.batch_size)
 
 

@@ -98,7 +98,7 @@ def genie_loss(x: Tensor, bns: list[nn.Module], bn_inputs: list[Tensor]) -> Tens
 
 @torch.enable_grad()
 def distill_batch(model: nn.Module, bns: list[nn.Module], n: int, input_size, cfg,
-                  g: torch.Generator, device) -> tuple[Tensor, float, float]:
+                  g: torch.Generator, device, names: list[str] | None = None) -> tuple[Tensor, float, float]:
     """One batch of GENIE-D; returns (images, first loss, last loss)."""
     with torch.random.fork_rng(devices=[]):  # generator init from our seed, global RNG untouched
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
@@ -109,7 +109,7 @@ def distill_batch(model: nn.Module, bns: list[nn.Module], n: int, input_size, cf
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.generator_decay)
     params = [z, *gen.parameters()]
-    hooks = InputStats(bns)
+    hooks = InputStats(bns, names)
     first = last = float("nan")
     try:
         with swing_convs(model, g) if cfg.swing else _nothing():
@@ -117,6 +117,7 @@ def distill_batch(model: nn.Module, bns: list[nn.Module], n: int, input_size, cf
                 x = gen(z)
                 model(x)
                 loss = genie_loss(x, bns, hooks.inputs)
+                hooks.check_finite(loss, f"genie step {step}")
                 grads = torch.autograd.grad(loss, params)  # the teacher accumulates no gradient
                 for p, gr in zip(params, grads, strict=True):
                     p.grad = gr
@@ -173,7 +174,8 @@ class GenieData:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        bns = [m for m in model.modules() if isinstance(m, BATCHNORM)]
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, BATCHNORM)]
+        bns, names = [m for _, m in named], [n for n, _ in named]
         if not bns:
             raise ValueError(f"{type(model).__name__} has no BatchNorm layer: GENIE-D data cannot be made")
         g = torch.Generator().manual_seed(seed)
@@ -183,7 +185,7 @@ class GenieData:
             while done < cfg.num_samples:
                 n = min(cfg.batch_size, cfg.num_samples - done)
                 n = n if n >= 2 else 2  # BN statistics need two images
-                x, first, last = distill_batch(model, bns, n, input_size, cfg, g, device)
+                x, first, last = distill_batch(model, bns, n, input_size, cfg, g, device, names)
                 batches.append(x)
                 firsts.append(first)
                 lasts.append(last)

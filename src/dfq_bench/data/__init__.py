@@ -22,6 +22,14 @@ class DataBundle:
     calib: Callable[[int, int], Tensor] | None = None  # (n, seed) -> n train-split images
     info: dict = field(default_factory=dict)  # recorded in the row (root, limit, ...)
 
+    def normalization(self) -> tuple[tuple, tuple] | None:
+        """(mean, std) per channel that maps the dataset's [0, 1] pixels to the model's input, from
+        ``info["preprocess"]``; None if the dataset does not say."""
+        pre = self.info.get("preprocess") or {}
+        if pre.get("mean") is None or pre.get("std") is None:
+            return None
+        return tuple(pre["mean"]), tuple(pre["std"])
+
 
 class DatasetError(RuntimeError):
     """A dataset that cannot be found or does not fit the model; the message says what to do."""
@@ -52,7 +60,8 @@ def fake(cfg, built) -> DataBundle:
         return torch.randn((k, *built.input_size), generator=torch.Generator().manual_seed(seed))
 
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
-    return DataBundle(loader, n, built.num_classes, calib, {"limit": cfg.limit})
+    pre = {"mean": list(built.preprocess.mean), "std": list(built.preprocess.std)}  # the model's, for data=noise
+    return DataBundle(loader, n, built.num_classes, calib, {"limit": cfg.limit, "preprocess": pre})
 
 
 DATASETS.register("fake", fake)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from dfq_bench.registry import MODELS
@@ -32,12 +33,47 @@ class BuiltModel:
     preprocess: Preprocess = field(default_factory=Preprocess)
 
 
+@torch.no_grad()
+def reestimate_bn(built: BuiltModel, n: int, batch_size: int = 32, seed: int = 0) -> None:
+    """Re-estimates every BN's running statistics in place (cumulative average over ``n`` images)
+    on seeded uniform pixel noise normalized with the model's preprocess mean/std; everything else
+    stays in eval mode. For randomly initialised models, whose unit BN statistics do not fit their
+    activations. Appends ``+bn_reestimate:<n>`` to ``built.weights`` (the row's identity)."""
+    model = built.model
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    mean = torch.tensor(built.preprocess.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(built.preprocess.std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    try:
+        done = 0
+        while done < n:
+            k = max(2, min(batch_size, n - done))  # training-mode BN needs 2 values per channel
+            x = (torch.rand((k, *built.input_size), generator=g) - mean) / std
+            model(x.to(dev))
+            done += k
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.eval()
+    built.weights = f"{built.weights}+bn_reestimate:{n}"
+
+
 MODELS.register_lazy("test_cnn", "dfq_bench.models.test_cnn:build")
 MODELS.register_lazy("resnet18", "dfq_bench.models.torchvision_timm:resnet18")
 MODELS.register_lazy("resnet50", "dfq_bench.models.torchvision_timm:resnet50")
 MODELS.register_lazy("mobilenet_v2", "dfq_bench.models.torchvision_timm:mobilenet_v2")
 MODELS.register_lazy("inception_v3", "dfq_bench.models.torchvision_timm:inception_v3")
 MODELS.register_lazy("timm", "dfq_bench.models.torchvision_timm:timm_model")
+MODELS.register_lazy("torchvision", "dfq_bench.models.torchvision_timm:torchvision_model")
 MODELS.register_lazy("efficientnet_lite0", "dfq_bench.models.efficientnet:build")
 MODELS.register_lazy("resnet20_fmnist", "dfq_bench.models.fmnist:resnet20_fmnist")
 MODELS.register_lazy("mobilenetv2_fmnist", "dfq_bench.models.fmnist:mobilenetv2_fmnist")

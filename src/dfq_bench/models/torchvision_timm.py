@@ -1,5 +1,6 @@
 """ImageNet classifiers from torchvision (``resnet18``, ``resnet50``, ``mobilenet_v2``,
-``inception_v3``) and any timm architecture (``model=timm model.name=<arch>``).
+``inception_v3``, and any torchvision classification model by name: ``model=torchvision
+model.name=<arch>``) and any timm architecture (``model=timm model.name=<arch>``).
 
 ``model.weights`` chooses the parameters, and its identity is recorded in the row:
 
@@ -18,7 +19,9 @@
 Eval preprocessing comes from the weights where the library describes it (torchvision's
 ``weights.transforms()``, timm's ``pretrained_cfg``: crop_pct, interpolation, mean/std); otherwise
 the torchvision V1 recipe: resize 256 / center-crop 224 (Inception: 342 / 299), bilinear,
-ImageNet mean/std.
+ImageNet mean/std. ``model=torchvision`` with random init or a local file takes the preprocessing
+(and so the input size) of the architecture's ``DEFAULT`` weights tag, read from torchvision's
+weights enum without downloading anything.
 
 Inception v3: torchvision's ImageNet weights were ported from TensorFlow and expect
 ``transform_input=True`` (the model re-normalises ImageNet-normalised input to [-1, 1] itself);
@@ -192,16 +195,101 @@ def build_torchvision(arch: str, cfg) -> BuiltModel:
 
     require_file_for_checksum(cfg)
     enum = torchvision.models.get_model_weights(arch)
+    kwargs = {"aux_logits": False} if inception else {}  # torchvision keeps the aux head otherwise
+    return _torchvision_tagged(arch, enum, cfg.weights, kwargs)
+
+
+def torchvision_archs() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(source: str, name: str) -> None:
+    """One-line ``ConfigError`` for an unknown timm or torchvision architecture (before any build)."""
+    from dfq_bench.config import ConfigError
+
+    if source == "timm":
+        import timm
+
+        known, ok, hint = timm.list_models, timm.is_model(name), "timm.list_models() lists them"
+    else:
+        known, ok, hint = torchvision_archs, name in torchvision_archs(), "torchvision.models.list_models()"
+    if not ok:
+        close = difflib.get_close_matches(name, known(), n=1, cutoff=0.6)
+        did = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown {source} model {name!r}{did} ({hint} lists the classifiers)")
+
+
+_AUX = {"inception_v3": "AuxLogits.", "googlenet": "aux1."}  # auxiliary heads, built only if the weights have them
+
+
+def torchvision_model(cfg) -> BuiltModel:
+    """``model=torchvision model.name=<arch>``: any torchvision classification model (see the
+    module docstring for ``model.weights``); the row's model label is ``torchvision:<arch>``."""
+    import torchvision
+
+    arch = str(cfg.name)
+    if arch not in torchvision_archs():
+        check_arch("torchvision", arch)
+    enum = torchvision.models.get_model_weights(arch)
+    if cfg.weights is not None and local_weights_path(cfg.weights) is None:
+        require_file_for_checksum(cfg)
+        return _torchvision_tagged(arch, enum, cfg.weights, {"aux_logits": False} if arch in _AUX else {})
+    pre = _preprocess_of(enum.DEFAULT)
+    kwargs = {"aux_logits": False, "init_weights": True} if arch in _AUX else {}
+    if cfg.weights is None:
+        require_file_for_checksum(cfg)
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        return BuiltModel(model.eval(), (3, pre.crop, pre.crop), _num_classes(model), "random-init", pre)
+    sd, identity = read_state_dict(local_weights_path(cfg.weights), cfg.sha256)
+    probe = torchvision.models.get_model(arch, weights=None, **kwargs)
+    classifier = _classifier_name(probe)
+    kwargs["num_classes"] = classes_in(sd, classifier, arch)
+    if arch in _AUX:
+        has_aux = any(k.startswith(_AUX[arch]) for k in sd)
+        kwargs.update(aux_logits=has_aux, init_weights=False)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    load_strict(model, sd, arch)
+    if arch in _AUX and getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+    return BuiltModel(model.eval(), (3, pre.crop, pre.crop), kwargs["num_classes"], identity, pre)
+
+
+def _classifier_name(model: nn.Module) -> str:
+    """The last Linear (or conv, for squeezenet) in module order: the classifier whose rows count classes."""
+    last = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return last[-1]
+
+
+def _num_classes(model: nn.Module) -> int:
+    return int(model.get_submodule(_classifier_name(model)).weight.shape[0])
+
+
+def _preprocess_of(weights) -> Preprocess:
+    t = weights.transforms()
+    return Preprocess(
+        resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
+        std=tuple(t.std), interpolation=t.interpolation.value,
+    )
+
+
+def _torchvision_tagged(arch: str, enum, tag: str, kwargs: dict) -> BuiltModel:
+    """A torchvision model with a library weights tag (downloaded into the torch hub cache)."""
+    import torchvision
+
     try:
-        weights = enum[str(cfg.weights)]
+        weights = enum[str(tag)]
     except KeyError:
         valid = ", ".join(list(enum.__members__))
         raise WeightsError(
-            f"model.weights={cfg.weights!r} is not a {arch} weight tag; valid: {valid}, a local "
+            f"model.weights={tag!r} is not a {arch} weight tag; valid: {valid}, a local "
             "state-dict file, or null"
         ) from None
-    kwargs = {"aux_logits": False} if inception else {}  # torchvision keeps the aux head otherwise
-    try:  # downloads into the torch hub cache
+    try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except Exception as e:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
@@ -209,11 +297,7 @@ def build_torchvision(arch: str, cfg) -> BuiltModel:
             f"cannot get torchvision weights {weights} ({_first_line(e)}); without network, download "
             f"{weights.url} elsewhere and put it at {cache}, or pass model.weights=<file>"
         ) from None
-    t = weights.transforms()
-    pre = Preprocess(
-        resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
-        std=tuple(t.std), interpolation=t.interpolation.value,
-    )
+    pre = _preprocess_of(weights)
     return BuiltModel(model.eval(), (3, pre.crop, pre.crop), len(weights.meta["categories"]),
                       f"torchvision:{weights}", pre)
 
@@ -292,5 +376,6 @@ def timm_model(cfg) -> BuiltModel:
 __all__ = [
     "WeightsError", "sha256_file", "check_sha256",
     "local_weights_path", "read_state_dict", "classes_in", "load_strict", "require_file_for_checksum",
-    "resnet18", "resnet50", "mobilenet_v2", "inception_v3", "timm_model",
+    "resnet18", "resnet50", "mobilenet_v2", "inception_v3", "timm_model", "torchvision_model",
+    "torchvision_archs", "check_arch",
 ]

@@ -1,0 +1,210 @@
+"""Coverage of torchvision and timm classifiers: for each architecture (random init, BN statistics
+re-estimated on 32 normalized noise images) and each method, either
+
+  (a) a float-equivalent run (every layer at 16 bits, no activation quantization) that preserves the
+      function (agreement 100%, KL < 1e-6; DFQ's ReLU6 -> ReLU is the documented exception) and a W8A8
+      run (common protocol, normalized pixel-noise calibration; zeroq and genie on their own tiny
+      synthetic sets) that agrees with FP32 on >= 90% of the inputs, or
+  (b) a one-line refusal before any work (``UnsupportedError``).
+
+Inputs: the 20 labelled ImageNet images foolbox ships (``dataset=imagenet_samples``) with each model's
+own eval preprocessing. Each architecture runs in a subprocess (one Python process, every cell composed
+with Hydra's compose API and run by ``dfq_bench.runner.run``, exactly what ``python -m dfq_bench <cell's
+overrides>`` runs); its cells are written to ``<out>/cells/<arch>.json``, so the sweep resumes. Then
+``<out>/../coverage.md`` gets the matrix.
+
+Usage::
+
+    python scripts/coverage.py [--out results/coverage] [--archs timm:efficientnet_b0 ...] [--table-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = [
+    "torchvision:resnet18", "torchvision:mobilenet_v2", "torchvision:inception_v3", "torchvision:mnasnet0_5",
+    "torchvision:densenet121", "torchvision:regnet_y_400mf", "torchvision:shufflenet_v2_x0_5",
+    "torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0",
+    "timm:efficientnet_b0", "timm:mobilenetv3_small_050", "timm:efficientnet_lite0", "timm:mnasnet_050",
+    "timm:rexnet_100", "timm:regnetx_002", "timm:ghostnet_100", "timm:densenet121",
+    "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224",
+    "timm:convnext_atto", "timm:repvgg_a0", "timm:levit_128s", "timm:mobilevit_xxs",
+]
+METHODS = ["rtn", "squant", "dfq", "zeroq", "genie"]
+COMMON = ["dataset=imagenet_samples", "model.weights=null", "model.bn_reestimate=32", "seed=0"]
+SETTINGS = {
+    "fe": ["wbits=16", "abits=null", "protocol.first_wbits=null", "protocol.last_wbits=null"],
+    "w8a8": ["wbits=8", "abits=8"],
+}
+TINY_DATA = {  # the methods' own synthetic data, sized for a coverage check (not for accuracy)
+    "zeroq": ["data=zeroq_cpu", "data.num_samples=8", "data.batch_size=8", "data.steps=10", "data.cache=false"],
+    "genie": ["data=genie_cpu", "data.num_samples=8", "data.batch_size=8", "data.steps=10", "data.cache=false"],
+}
+GENIE_M = ["method=genie_cpu", "method.steps=10", "method.batch_size=8", "method.init_samples=8"]
+FE_AGREE, FE_KL, W8_AGREE = 100.0, 1e-6, 90.0
+
+
+def cell_overrides(arch: str, method: str, setting: str) -> list[str]:
+    source, name = arch.split(":")
+    over = [f"model={source}", f"model.name={name}", *COMMON, *SETTINGS[setting]]
+    over += GENIE_M if method == "genie" else [f"method={method}"]
+    if setting == "w8a8" or method == "genie":  # genie-m needs batches even weight-only
+        over += TINY_DATA.get(method, ["data=noise", "data.space=pixel", "data.num_samples=32",
+                                       "data.batch_size=32"])
+    return over
+
+
+def run_arch(arch: str, out: Path) -> list[dict]:
+    """Every cell of one architecture, in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from dfq_bench.config import CONF_DIR, UnsupportedError, register_configs, validate_config
+    from dfq_bench.runner import run
+
+    register_configs()
+    cells = []
+    for method in METHODS:
+        for setting in SETTINGS:
+            over = cell_overrides(arch, method, setting)
+            over += [f"results_dir={out / 'rows'}", f"eval_cache={out / 'eval_cache'}", "progress=false"]
+            cell = {"arch": arch, "method": method, "setting": setting,
+                    "command": "python -m dfq_bench " + " ".join(cell_overrides(arch, method, setting))}
+            t0 = time.perf_counter()
+            try:
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    cfg = compose(config_name="config", overrides=over)
+                validate_config(cfg)
+                row = run(cfg, progress=False)
+                cell.update(status="ok", agree=row["agree_fp32"], kl=row["kl_fp32"], top1=row["top1"],
+                            top1_fp32=row["top1_fp32"], t_quant_s=row["t_quant_s"], run_id=row["run_id"],
+                            n_relu6_to_relu=row.get("n_relu6_to_relu", 0), n_bn_folded=row.get("n_bn_folded"),
+                            n_norm_act_split=row.get("n_norm_act_split"), bn_fold_rule=row.get("bn_fold_rule"),
+                            n_bn_unfolded=row.get("n_bn_unfolded"))
+            except UnsupportedError as e:
+                cell.update(status="refused", reason=str(e))
+            except Exception as e:  # a crash is a coverage failure: recorded, never hidden
+                cell.update(status="crashed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            cell["t_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(cell), flush=True)
+            cells.append(cell)
+    return cells
+
+
+def verdict(cell: dict) -> tuple[bool, str]:
+    """(passes, note) for one cell."""
+    if cell["status"] == "refused":
+        return True, "refused"
+    if cell["status"] != "ok":
+        return False, "crashed"
+    if cell["setting"] == "fe":
+        if cell["method"] == "dfq" and cell.get("n_relu6_to_relu"):
+            return True, f"ReLU6->ReLU at {cell['n_relu6_to_relu']} sites (documented)"
+        ok = cell["agree"] >= FE_AGREE and cell["kl"] < FE_KL
+        return ok, "" if ok else f"not preserved (target agreement {FE_AGREE:g}%, KL < {FE_KL:g})"
+    ok = cell["agree"] >= W8_AGREE
+    return ok, "" if ok else f"agreement below {W8_AGREE:g}%"
+
+
+def table(cells: list[dict]) -> str:
+    by = {(c["arch"], c["method"], c["setting"]): c for c in cells}
+    archs = [a for a in ARCHS if any(k[0] == a for k in by)] + sorted({k[0] for k in by} - set(ARCHS))
+    lines = ["| architecture | folded / split / left | " + " | ".join(METHODS) + " |",
+             "|:---|:---|" + "|".join([":---"] * len(METHODS)) + "|"]
+    failures, refusals = [], {}
+    for arch in archs:
+        first = next((by[(arch, m, s)] for m in METHODS for s in SETTINGS
+                      if (arch, m, s) in by and by[(arch, m, s)]["status"] == "ok"), None)
+        fold = "-" if first is None else (f"{first['n_bn_folded']} / {first['n_norm_act_split']} / "
+                                          f"{first['n_bn_unfolded']}" + (" (module rule)"
+                                                                          if first["bn_fold_rule"] == "module" else ""))
+        cols = []
+        for m in METHODS:
+            parts = []
+            for s in SETTINGS:
+                c = by.get((arch, m, s))
+                if c is None:
+                    parts.append("not run")
+                    continue
+                ok, note = verdict(c)
+                if c["status"] == "refused":
+                    refusals[(arch, m)] = c["reason"]
+                    parts.append("refused")
+                    continue
+                if c["status"] != "ok":
+                    failures.append(f"{arch} {m} {s}: {c['reason']}")
+                    parts.append("**crashed**")
+                    continue
+                mark = "" if ok else " **FAIL**"
+                txt = f"{c['agree']:.0f}% / {c['kl']:.1e}" if s == "fe" else f"{c['agree']:.0f}%"
+                if note and ok:
+                    txt += "†"
+                parts.append(txt + mark)
+                if not ok:
+                    failures.append(f"{arch} {m} {s}: {note}")
+            cols.append(" ; ".join(dict.fromkeys(parts)) if all(p == "refused" for p in parts) else " ; ".join(parts))
+        lines.append(f"| {arch} | {fold} | " + " | ".join(cols) + " |")
+    out = ["\n".join(lines), ""]
+    out.append(f"{len(archs)} architectures, {len(cells)} cells: "
+               f"{sum(verdict(c)[0] for c in cells)} pass, {len(failures)} fail, "
+               f"{sum(c['status'] == 'refused' for c in cells)} refused.")
+    if refusals:
+        out += ["", "Refusals (one line each, before any work; no row is written):", ""]
+        out += [f"- {a} / {m}: `{r}`" for (a, m), r in refusals.items()]
+    relu6 = sorted({c["arch"] for c in cells if c["method"] == "dfq" and c["setting"] == "fe"
+                    and c["status"] == "ok" and c.get("n_relu6_to_relu")})
+    if relu6:
+        out += ["", "† DFQ replaces ReLU6 by ReLU (the paper's step, `method.relu6_to_relu`), which changes the "
+                "float function; its 16-bit row is not a preservation check on " + ", ".join(relu6) + "."]
+    if failures:
+        out += ["", "Failures:", ""] + [f"- {f}" for f in failures]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/coverage")
+    ap.add_argument("--archs", nargs="*", default=ARCHS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run one architecture here
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    cells_dir = out / "cells"
+    if args.one:
+        from dfq_bench.results import write_json
+
+        cells = run_arch(args.one, out)
+        write_json(cells_dir / f"{args.one.replace(':', '__')}.json", {"arch": args.one, "cells": cells})
+        return
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for arch in args.archs:
+            path = cells_dir / f"{arch.replace(':', '__')}.json"
+            if path.exists():
+                print(f"[coverage] {arch}: done already ({path})")
+                continue
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", arch], cwd=REPO,
+                                  env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True)
+            print(f"[coverage] {arch}: exit {proc.returncode} in {time.perf_counter() - t0:.0f} s")
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+    cells = []
+    for path in sorted(cells_dir.glob("*.json")):
+        cells += json.loads(path.read_text())["cells"]
+    text = table(cells)
+    print(text)
+    md = out.parent / "coverage.md"
+    body = md.read_text().split("<!-- matrix -->")[0] if md.exists() else "# Coverage\n\n"
+    md.write_text(body + "<!-- matrix -->\n" + text)
+
+
+if __name__ == "__main__":
+    main()
