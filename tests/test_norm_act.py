@@ -347,16 +347,29 @@ def test_any_torchvision_model_by_name_and_unknown_names_fail_up_front(tmp_path)
     assert no_rows(tmp_path)
 
 
-def test_bn_reestimate_fits_the_statistics_to_normalized_noise():
+def test_bn_reestimate_fits_the_statistics_to_the_images():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     built = BuiltModel(model, (1, 8, 8), 4, "random-init", Preprocess(mean=(0.5,), std=(0.25,)))
-    reestimate_bn(built, 64, batch_size=16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the same 4 batches; cumulative average of the batch statistics
-        ys = [model[0]((torch.rand((16, 1, 8, 8), generator=g) - 0.5) / 0.25) for _ in range(4)]
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    reestimate_bn(built, x, "eval", batch_size=16)
+    with torch.no_grad():  # cumulative average of the four batches' statistics
+        ys = [model[0](x[i:i + 16]) for i in range(0, 64, 16)]
     bn = model[1]
-    assert torch.allclose(bn.running_mean, torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_mean, torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, torch.stack([y.var((0, 2, 3)) for y in ys]).mean(0), rtol=1e-5)
-    assert built.weights == "random-init+bn_reestimate:64" and not bn.training
+    assert built.weights == "random-init+bn_reestimate:64:eval" and not bn.training
     assert bn.momentum == 0.1 and count_bn(model) == 1
+
+
+def test_non_finite_model_output_at_evaluation_names_the_module():
+    from dfq_bench.runner import evaluate
+
+    m = randomize(SE())
+    q = copy.deepcopy(m)
+    with torch.no_grad():
+        q.se_reduce.bias[0] = float("nan")
+    loader = [(X[:8], torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(NonFiniteError, match="quantized model's output.*first non-finite module: se_reduce"):
+        evaluate(m, q, loader, "cpu", lambda it, **kw: it)
+    assert evaluate(m, m, loader, "cpu", lambda it, **kw: it)["agree_fp32"] == 100.0

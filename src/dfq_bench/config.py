@@ -31,7 +31,7 @@ class ModelConfig:
     source: str = "zoo"  # zoo | timm | torchvision
     weights: str | None = None  # library pretrained tag, or a local state-dict path
     sha256: str | None = None  # expected sha256 of a local weights file
-    bn_reestimate: int = 0  # > 0: re-estimate BN statistics on this many normalized noise images (random init)
+    bn_reestimate: int = 0  # > 0: re-estimate BN statistics on this many dataset images (random init)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class DatasetConfig:
     batch_size: int = 256
     num_workers: int = 0
     num_samples: int = 512  # synthetic `fake` dataset only
+    images: str = "gaussian"  # `fake` only: gaussian (N(0, 1) inputs) | pixel (uniform pixels, normalized)
     calib_seed: int = 0  # seed of the train-split subset used by the `real` calibration control
 
 
@@ -198,4 +199,6 @@ def identity_config(cfg: DictConfig) -> dict:
         d.pop("deploy", None)
     if not d.get("model", {}).get("bn_reestimate"):  # likewise for models without BN re-estimation
         d.get("model", {}).pop("bn_reestimate", None)
+    if d.get("dataset", {}).get("images") == "gaussian":  # and for the fake dataset's default images
+        d["dataset"].pop("images")
     return d

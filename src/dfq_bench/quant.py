@@ -91,6 +91,27 @@ class NonFiniteError(RuntimeError):
     """A NaN or Inf where a finite value is needed; the message names the layer."""
 
 
+@torch.no_grad()
+def first_nonfinite(model: nn.Module, x: Tensor) -> str | None:
+    """Name of the first module (in call order) whose output holds a NaN or Inf when ``model`` runs
+    on ``x``; None if every output is finite."""
+    found: list[str] = []
+
+    def hook(name):
+        def fn(module, args, out):
+            if not found and isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 class ActQuant(nn.Module):
     """Per-tensor activation fake-quantizer with three states.
 

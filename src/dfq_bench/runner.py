@@ -27,6 +27,7 @@ from dfq_bench.evalcache import EvalCache, FP32Outputs
 from dfq_bench.loggers import log_row
 from dfq_bench.method import QuantContext
 from dfq_bench.models import BuiltModel, reestimate_bn
+from dfq_bench.quant import NonFiniteError, first_nonfinite
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import append_row, check_writable, write_json
 
@@ -51,11 +52,21 @@ def progress_bar(enabled: bool):
 
 
 def build_model(cfg) -> BuiltModel:
-    built = MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)(cfg.model)
-    n = cfg.model.get("bn_reestimate") or 0
-    if n > 0:
-        reestimate_bn(built, n)
-    return built
+    return MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)(cfg.model)
+
+
+def bn_images(bundle, n: int) -> tuple[torch.Tensor, str]:
+    """``n`` images for ``model.bn_reestimate``: the dataset's train split (seed 0) when it has one,
+    else its first evaluation images (a random-init check, never an accuracy claim)."""
+    if bundle.calib is not None:
+        return bundle.calib(n, 0), "train"
+    xs, k = [], 0
+    for x, _ in bundle.loader:
+        xs.append(x[: n - k])
+        k += len(xs[-1])
+        if k >= n:
+            break
+    return torch.cat(xs), "eval"
 
 
 def model_label(cfg) -> str:
@@ -88,6 +99,11 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
             record.append((logits_fp.float().cpu(), y.cpu()))
         logits_q = q_model(x)
         t_q += time.perf_counter() - t1
+        for what, net, logits in (("quantized", q_model, logits_q), ("FP32", fp_model, logits_fp)):
+            if not bool(torch.isfinite(logits).all()):
+                where = first_nonfinite(net, x) if net is not fp_model or fp32 is None else None
+                raise NonFiniteError(f"the {what} model's output holds NaN or Inf at evaluation image {n}"
+                                     + (f"; first non-finite module: {where}" if where else ""))
         t_fp += t1 - t0
         k = min(5, logits_fp.shape[1])
         pred_fp, pred_q = logits_fp.topk(k, 1).indices, logits_q.topk(k, 1).indices
@@ -208,6 +224,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         model = built.model.to(cfg.device).eval()
         bundle = DATASETS.get(cfg.dataset.name)(cfg.dataset, built)
         row["dataset_info"] = bundle.info
+        if cfg.model.get("bn_reestimate"):
+            reestimate_bn(built, *bn_images(bundle, cfg.model.bn_reestimate))
+            row["weights"] = built.weights
         example = torch.zeros((2, *built.input_size), device=cfg.device)
         ctx = QuantContext(cfg.wbits, cfg.abits, cfg.protocol, cfg.seed, cfg.device, example,
                            progress=bar)

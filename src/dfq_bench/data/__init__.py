@@ -50,18 +50,31 @@ def limited(n: int, limit: int | None) -> int:
 
 
 def fake(cfg, built) -> DataBundle:
-    """Seeded Gaussian images with random labels, shaped for the model: tests the pipeline only."""
+    """Seeded images with random labels, shaped for the model: tests the pipeline only.
+    ``dataset.images``: ``gaussian`` (N(0, 1) in the model's input space) or ``pixel`` (uniform
+    [0, 1) pixels normalized with the model's mean/std, like ``data=noise``'s pixel space)."""
+    if cfg.images not in ("gaussian", "pixel"):
+        raise DatasetError(f"dataset.images={cfg.images!r} is invalid; valid: gaussian, pixel")
+    mean = torch.tensor(built.preprocess.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(built.preprocess.std, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+    def draw(k: int, g: torch.Generator) -> Tensor:
+        if cfg.images == "pixel":
+            return (torch.rand((k, *built.input_size), generator=g) - mean) / std
+        return torch.randn((k, *built.input_size), generator=g)
+
     g = torch.Generator().manual_seed(1234)
     n = limited(cfg.num_samples, cfg.limit)
-    x = torch.randn((n, *built.input_size), generator=g)
+    x = draw(n, g)
     y = torch.randint(0, built.num_classes, (n,), generator=g)
 
     def calib(k: int, seed: int) -> Tensor:
-        return torch.randn((k, *built.input_size), generator=torch.Generator().manual_seed(seed))
+        return draw(k, torch.Generator().manual_seed(seed))
 
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
     pre = {"mean": list(built.preprocess.mean), "std": list(built.preprocess.std)}  # the model's, for data=noise
-    return DataBundle(loader, n, built.num_classes, calib, {"limit": cfg.limit, "preprocess": pre})
+    return DataBundle(loader, n, built.num_classes, calib, {"limit": cfg.limit, "images": cfg.images,
+                                                            "preprocess": pre})
 
 
 DATASETS.register("fake", fake)

@@ -34,19 +34,16 @@ class BuiltModel:
 
 
 @torch.no_grad()
-def reestimate_bn(built: BuiltModel, n: int, batch_size: int = 32, seed: int = 0) -> None:
-    """Re-estimates every BN's running statistics in place (cumulative average over ``n`` images)
-    on seeded uniform pixel noise normalized with the model's preprocess mean/std; everything else
-    stays in eval mode. For randomly initialised models, whose unit BN statistics do not fit their
-    activations. Appends ``+bn_reestimate:<n>`` to ``built.weights`` (the row's identity)."""
+def reestimate_bn(built: BuiltModel, images: torch.Tensor, source: str, batch_size: int = 32) -> None:
+    """Re-estimates every BN's running statistics in place: the cumulative average of the batch
+    statistics over ``images`` (model inputs, already normalized), everything else in eval mode.
+    For randomly initialised models, whose unit BN statistics do not fit their activations.
+    Appends ``+bn_reestimate:<n>:<source>`` to ``built.weights`` (the row's identity)."""
     model = built.model
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
-    g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    mean = torch.tensor(built.preprocess.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.tensor(built.preprocess.std, dtype=torch.float32).reshape(1, -1, 1, 1)
     momenta = [m.momentum for m in bns]
     model.eval()
     for m in bns:
@@ -54,17 +51,16 @@ def reestimate_bn(built: BuiltModel, n: int, batch_size: int = 32, seed: int = 0
         m.momentum = None  # cumulative moving average
         m.train()
     try:
-        done = 0
-        while done < n:
-            k = max(2, min(batch_size, n - done))  # training-mode BN needs 2 values per channel
-            x = (torch.rand((k, *built.input_size), generator=g) - mean) / std
-            model(x.to(dev))
-            done += k
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            if len(chunk) < 2:  # training-mode BN needs two values per channel
+                chunk = images[-2:]
+            model(chunk.to(dev))
     finally:
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
         model.eval()
-    built.weights = f"{built.weights}+bn_reestimate:{n}"
+    built.weights = f"{built.weights}+bn_reestimate:{len(images)}:{source}"
 
 
 MODELS.register_lazy("test_cnn", "dfq_bench.models.test_cnn:build")
