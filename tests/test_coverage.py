@@ -1,4 +1,4 @@
-"""The coverage matrix (scripts/coverage.py) on three architectures: a timm model built from
+"""The coverage matrix (scripts/coverage_matrix.py) on three architectures: a timm model built from
 BatchNormAct2d with ReLU6, an untraceable timm model, and a torchvision ResNet. Slow (minutes)."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from coverage import FE_KL, verdict  # noqa: E402
+from coverage_matrix import FE_KL, verdict  # noqa: E402
 
 ARCHS = ["timm:efficientnet_lite0", "timm:mobilevit_xxs", "torchvision:resnet18"]
 
@@ -19,12 +19,12 @@ ARCHS = ["timm:efficientnet_lite0", "timm:mobilevit_xxs", "torchvision:resnet18"
 @pytest.mark.slow
 def test_coverage_on_fused_untraceable_and_plain_models(tmp_path):
     out = tmp_path / "coverage"
-    proc = subprocess.run([sys.executable, "scripts/coverage.py", "--out", str(out), "--archs", *ARCHS],
+    proc = subprocess.run([sys.executable, "scripts/coverage_matrix.py", "--out", str(out), "--archs", *ARCHS],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = {(c["arch"], c["method"], c["setting"]): c
              for p in sorted((out / "cells").glob("*.json")) for c in json.loads(p.read_text())["cells"]}
-    assert len(cells) == 3 * 11
+    assert len(cells) == 3 * 11  # 5 methods x 2 settings + the reference
     assert not [k for k, c in cells.items() if c["status"] == "crashed"]
     for (arch, method, setting), c in cells.items():
         if setting != "fe" or c["status"] != "ok":

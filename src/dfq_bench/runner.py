@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dfq_bench import catalog  # noqa: F401  (fills the registries)
+from dfq_bench import api, catalog  # noqa: F401  (catalog fills the registries)
 from dfq_bench.config import UnsupportedError, identity_config, plugin_config
 from dfq_bench.evalcache import EvalCache, FP32Outputs
 from dfq_bench.loggers import log_row
@@ -230,7 +230,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         example = torch.zeros((2, *built.input_size), device=cfg.device)
         ctx = QuantContext(cfg.wbits, cfg.abits, cfg.protocol, cfg.seed, cfg.device, example,
                            progress=bar)
-        method = method_cls(method_cfg)
+        method = api.build_method(method_cls(method_cfg))
         method.check_model(model, ctx, model_label(cfg))  # a refusal: one line, no row, before any work
         if method.wants_data(ctx):
             gen = SYNTH.get(cfg.data.name)
@@ -239,11 +239,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
                 gen_cfg = gen.resolve(gen_cfg, method.act_range(ctx) if cfg.abits is not None else None)
             row["data"] = OmegaConf.to_container(gen_cfg, enum_to_str=True)
             t0 = time.perf_counter()
-            ctx.calib = gen.generate(gen_cfg, model, built.input_size, cfg.seed, cfg.device, bundle)
+            ctx.calib = api.make_calib(gen_cfg.name, model, input_size=built.input_size, seed=cfg.seed,
+                                       dataset=bundle, device=cfg.device, **{k: v for k, v in row["data"].items()
+                                                                             if k != "name"})
             row["t_synth_s"] = time.perf_counter() - t0
             row["data_info"] = getattr(ctx.calib, "info", None)  # e.g. cache hit, generation time
         t0 = time.perf_counter()
-        qmodel = method.quantize(model, ctx)
+        qmodel, info = api.quantize(model, method, wbits=cfg.wbits, abits=cfg.abits, example_input=example,
+                                    calib=ctx.calib, protocol=cfg.protocol, seed=cfg.seed, device=cfg.device,
+                                    progress=bar)
+        ctx.info = info
         row["t_quant_s"] = time.perf_counter() - t0
         clash = set(ctx.info) & set(row)
         if clash:
