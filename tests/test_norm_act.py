@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from timm.layers import BatchNormAct2d
 from torch import fx, nn
 
+import dfq_bench
 from dfq_bench import catalog  # noqa: F401
 from dfq_bench.config import ProtocolConfig, UnsupportedError
 from dfq_bench.data import DataBundle
@@ -373,3 +374,18 @@ def test_non_finite_model_output_at_evaluation_names_the_module():
     with pytest.raises(NonFiniteError, match="quantized model's output.*first non-finite module: se_reduce"):
         evaluate(m, q, loader, "cpu", lambda it, **kw: it)
     assert evaluate(m, m, loader, "cpu", lambda it, **kw: it)["agree_fp32"] == 100.0
+
+
+def test_bn_statistics_data_refuses_a_model_without_bn(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 5)).eval()
+    for source in ("zeroq_cpu", "genie_cpu"):
+        with pytest.raises(UnsupportedError, match="has no BatchNorm layer"):
+            dfq_bench.make_calib(source, m, example_input=X[:2])
+    out = subprocess.run(
+        [sys.executable, "-m", "dfq_bench", "method=zeroq", "data=zeroq_cpu", "model=timm",
+         "model.name=vit_tiny_patch16_224", "model.weights=null", "dataset=fake", "dataset.num_samples=4",
+         f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2 and "data=zeroq cannot run on timm:vit_tiny_patch16_224" in out.stderr
+    assert no_rows(tmp_path)

@@ -119,6 +119,8 @@ def make_calib(source: str, model: nn.Module, *, example_input: Tensor | None = 
         node["num_samples"] = int(n)
     gen = SYNTH.get(node["name"])
     cfg = plugin_config(gen, OmegaConf.create(node), "data")
+    if hasattr(gen, "check_model"):
+        gen.check_model(model)
     if hasattr(gen, "resolve"):
         cfg = gen.resolve(cfg, act_range)
     if input_size is None:

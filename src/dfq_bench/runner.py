@@ -234,6 +234,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         method.check_model(model, ctx, model_label(cfg))  # a refusal: one line, no row, before any work
         if method.wants_data(ctx):
             gen = SYNTH.get(cfg.data.name)
+            if hasattr(gen, "check_model"):  # e.g. BN-statistics data on a model without BN: refused
+                gen.check_model(model, model_label(cfg))
             gen_cfg = plugin_config(gen, cfg.data, "data")
             if hasattr(gen, "resolve"):  # e.g. noise's space: auto -> pixel | raw for this rule
                 gen_cfg = gen.resolve(gen_cfg, method.act_range(ctx) if cfg.abits is not None else None)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dfq_bench.graph import BATCHNORM
 from dfq_bench.synth_cache import cached_generate
-from dfq_bench.synth_zeroq import InputStats
+from dfq_bench.synth_zeroq import InputStats, require_bn
 
 log = logging.getLogger(__name__)
 BN_STD_EPS = 1e-6  # the reference's eps for sqrt(running_var + eps)
@@ -160,6 +160,10 @@ class GenieData:
         swing: bool = True
         cache: bool = True
         cache_dir: str | None = None  # null: $DFQ_BENCH_CACHE or ~/.cache/dfq_bench
+
+    @staticmethod
+    def check_model(model: nn.Module, label: str | None = None) -> None:
+        require_bn(model, "genie", label)
 
     @staticmethod
     def generate(cfg, model: nn.Module, input_size, seed: int, device: str, dataset=None) -> list[Tensor]:

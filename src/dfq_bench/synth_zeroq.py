@@ -15,7 +15,7 @@ unbiased variance is NaN: the std term is then constant and only the mean term a
 from a seeded ``torch.Generator`` (the reference sets no seed). The reference initialises its noise
 with std ~0.014 (it divides by the variance instead of the std): that quirk is ``init_std: 0.014``
 here, off by default (``init_std: 1.0``). Models without a conv->BN pair fall back to every BN's
-input; a model without BN is an error.
+input; a model without BN is refused up front (`require_bn`: one line, no row).
 """
 
 from __future__ import annotations
@@ -27,11 +27,19 @@ import torch
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from dfq_bench.config import UnsupportedError
 from dfq_bench.graph import BATCHNORM, TraceError, canonical, conv_bn_pairs
 from dfq_bench.quant import NonFiniteError
 from dfq_bench.synth_cache import Batches, cached_generate
 
 log = logging.getLogger(__name__)
+
+
+def require_bn(model: nn.Module, source: str, label: str | None = None) -> None:
+    """A BN-statistics generator refuses a model without BatchNorm up front (``UnsupportedError``)."""
+    if not any(isinstance(m, BATCHNORM) for m in model.modules()):
+        raise UnsupportedError(f"data={source} cannot run on {label or type(model).__name__}: it matches "
+                               "BatchNorm statistics and the model has no BatchNorm layer (use data=noise or real)")
 
 
 def bn_after_conv(model: nn.Module) -> list[nn.Module]:
@@ -138,6 +146,10 @@ class ZeroQData:
         cache_dir: str | None = None  # null: $DFQ_BENCH_CACHE or ~/.cache/dfq_bench
 
     @staticmethod
+    def check_model(model: nn.Module, label: str | None = None) -> None:
+        require_bn(model, "zeroq", label)
+
+    @staticmethod
     def generate(cfg, model: nn.Module, input_size, seed: int, device: str, dataset=None) -> list[Tensor]:
         if cfg.num_samples < 1 or cfg.batch_size < 1 or cfg.steps < 1:
             raise ValueError("data.num_samples, data.batch_size and data.steps must be >= 1")
@@ -167,4 +179,4 @@ class ZeroQData:
                          "n_bn_terms": len(bns)}
 
 
-__all__ = ["ZeroQData", "Batches", "bn_after_conv", "zeroq_loss", "InputStats"]
+__all__ = ["ZeroQData", "Batches", "bn_after_conv", "require_bn", "zeroq_loss", "InputStats"]
