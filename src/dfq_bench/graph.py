@@ -19,6 +19,7 @@ modules they are the model's own names; a conv's and an activation's names never
 from __future__ import annotations
 
 import copy
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,15 +37,17 @@ _RELU_FUNCTIONS = {F.relu, torch.relu}
 _RELU6_FUNCTIONS = {F.relu6}
 
 
-def _norm_act_types() -> tuple[type, ...]:
-    try:
-        from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
-    except ImportError:  # timm is an extra
+def norm_act_types() -> tuple[type, ...]:
+    """BN subclasses whose forward is BN -> self.drop -> self.act (timm's). Empty unless timm is
+    already imported: a model built from timm modules has imported it (and a run without timm
+    does not pay its 2.5 s import)."""
+    if "timm" not in sys.modules:
         return ()
+    from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+
     return BatchNormAct2d, SyncBatchNormAct
 
 
-NORM_ACT = _norm_act_types()  # BN subclasses whose forward is BN -> self.drop -> self.act
 _PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
@@ -70,9 +73,10 @@ def _plain_bn_of(m: nn.Module) -> nn.Module:
 
 
 def split_norm_act(model: nn.Module) -> int:
-    """Replaces every fused norm-activation module (``NORM_ACT``) by a float-identical ``NormAct``,
+    """Replaces every fused norm-activation module (``norm_act_types()``) by a float-identical ``NormAct``,
     in place (the new BN shares the old one's tensors). Returns how many were split."""
-    found = [(n, m) for n, m in model.named_modules() if n and isinstance(m, NORM_ACT)]
+    fused = norm_act_types()
+    found = [(n, m) for n, m in model.named_modules() if n and fused and isinstance(m, fused)]
     split = {}
     for name, m in found:
         if id(m) not in split:
@@ -138,10 +142,10 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _conv_norm_act_type() -> type | None:
-    try:
-        from timm.layers import ConvNormAct
-    except ImportError:
+    if "timm" not in sys.modules:
         return None
+    from timm.layers import ConvNormAct
+
     return ConvNormAct
 
 
@@ -462,7 +466,7 @@ def relu6_to_relu(model: nn.Module, only=None) -> tuple[nn.Module, int]:
 
 
 __all__ = [
-    "NORM_ACT", "NormAct", "is_plain_bn", "split_norm_act", "canonical", "module_conv_bn_pairs",
+    "norm_act_types", "NormAct", "is_plain_bn", "split_norm_act", "canonical", "module_conv_bn_pairs",
     "LeafTracer", "TraceError", "trace", "conv_bn_pairs", "bn_producers", "activation_kind",
     "Link", "equalization_links", "Source", "input_sources", "op_kind", "relu6_sites", "relu6_to_relu",
 ]
