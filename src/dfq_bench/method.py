@@ -67,10 +67,11 @@ class Method:
     def check_model(self, model: nn.Module, ctx: QuantContext, label: str | None = None) -> None:
         """Raises ``UnsupportedError`` (one line, before any work) if this run cannot be done on
         ``model``: here, if it needs the layer graph and torch.fx cannot trace the model."""
-        if not self.needs_graph(ctx):
-            return
+        if not self.needs_graph(ctx) or getattr(ctx, "_checked_model", None) is model:
+            return  # nothing to check, or checked already for this context (DFQ.quantize, then the template)
         try:
             trace(model)
+            ctx._checked_model = model
         except TraceError as e:
             why = "the bn range rule" if type(self).needs_graph is Method.needs_graph else "its steps"
             raise UnsupportedError(f"method {self.name} cannot run on {label or type(model).__name__}: {why} "
