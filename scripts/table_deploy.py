@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from dfq_bench.results import read_rows
+from dfq_bench.results import LastOk
 
 
 def line(r: dict) -> str:
@@ -31,13 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    latest: dict[str, dict] = {}
-    for path in args.runs:
-        for row in read_rows(path):
-            if row.get("status") == "ok" and row.get("deploy") == "onnxruntime":
-                latest[row["run_id"]] = row
-    rows = sorted(latest.values(), key=lambda r: (r["model"], -r["wbits"], ["rtn", "squant", "dfq"].index(r["method"])
-                                                  if r["method"] in ("rtn", "squant", "dfq") else 9, r["method"]))
+    latest = [r for r in LastOk().read(*args.runs).ok.values() if r.get("deploy") == "onnxruntime"]
+    rows = sorted(latest, key=lambda r: (r["model"], -r["wbits"], ["rtn", "squant", "dfq"].index(r["method"])
+                                         if r["method"] in ("rtn", "squant", "dfq") else 9, r["method"]))
     n_eval = sorted({r["n_eval"] for r in rows})
     threads = sorted({r.get("lat_threads") for r in rows}, key=str)
     print(f"{len(rows)} runs, n_eval {', '.join(map(str, n_eval))}, latency threads {', '.join(map(str, threads))}\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from dfq_bench.results import read_rows
+from dfq_bench.results import LastOk
 
 STEP_ORDER = ["RTN, min/max ranges", "none (BN fold + bn ranges)", "ReLU6->ReLU only", "+CLE",
               "+absorption", "+bias correction"]
@@ -108,14 +108,10 @@ def spread(model_name: str, bits: int) -> None:
 
 
 def main(paths: list[str]) -> None:
-    latest: dict[str, dict] = {}
-    for path in paths:
-        for row in read_rows(path):
-            if row.get("status") == "ok" and row["method"] in ("rtn", "dfq"):
-                latest[row["run_id"]] = row
     groups: dict[tuple, list[dict]] = {}
-    for row in latest.values():
-        groups.setdefault((row["model"], row["dataset"]), []).append(row)
+    for row in LastOk().read(*paths).ok.values():
+        if row["method"] in ("rtn", "dfq"):
+            groups.setdefault((row["model"], row["dataset"]), []).append(row)
     for (model, dataset), rows in sorted(groups.items()):
         n_eval = sorted({r["n_eval"] for r in rows})
         print(f"### {model} / {dataset} (n_eval {', '.join(map(str, n_eval))})\n")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from dfq_bench.results import read_rows
+from dfq_bench.results import LastOk
 
 LABELS = {  # (method, data name, data preset or num_samples) -> label, in table order
     ("rtn", "noise"): "RTN (min/max ranges, 256 noise images)",
@@ -48,11 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     args = p.parse_args()
-    rows = {}
-    for path in args.runs:
-        for r in read_rows(path):
-            if r.get("status") == "ok":
-                rows[r["run_id"]] = r
+    rows = LastOk().read(*args.runs).ok
     tables = defaultdict(lambda: defaultdict(dict))
     fp32 = {}
     bits_seen = set()

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from dfq_bench.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class EvalCache:
         return FP32Outputs(blob["logits"], blob["labels"], float(blob["t_eval_fp32_s"]))
 
     def save(self, out: FP32Outputs) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({"logits": out.logits, "labels": out.labels, "t_eval_fp32_s": out.t_eval_fp32_s,
-                    "key_fields": json.dumps(self.key_fields, sort_keys=True, default=str)}, tmp)
-        os.replace(tmp, self.path)
+        blob = {"logits": out.logits, "labels": out.labels, "t_eval_fp32_s": out.t_eval_fp32_s,
+                "key_fields": json.dumps(self.key_fields, sort_keys=True, default=str)}
+        atomic_write(self.path, lambda tmp: torch.save(blob, tmp))

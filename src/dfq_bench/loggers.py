@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dfq_bench.results import fields
+
 log = logging.getLogger(__name__)
-IDENTITY = ("run_id", "method", "method_version", "model", "dataset", "wbits", "abits", "seed", "protocol",
-            "method_cfg", "data", "weights")
+IDENTITY = fields("identity")  # the wandb run's config
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

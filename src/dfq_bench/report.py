@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 
-from dfq_bench.results import read_rows
+from dfq_bench.results import LastOk, fields
 
 SUMMARY_COLUMNS = (
     "model", "dataset", "method", "variant", "bits", "wbits", "abits", "n", "n_seeds",
@@ -62,34 +62,15 @@ def bits_order(wbits, abits) -> tuple:
 class Rows:
     ok: list[dict] = field(default_factory=list)  # one row per run_id: the last ok one
     failed: list[dict] = field(default_factory=list)  # last row of run_ids without an ok row
-    n_read: int = 0
     n_superseded: int = 0  # rows replaced by a later row of the same run_id
     warnings: list[str] = field(default_factory=list)
 
 
 def load(paths: list[str | Path]) -> Rows:
     """Reads and deduplicates rows; corrupt lines and rows without a run_id become warnings."""
-    out = Rows()
-    ok: dict[str, dict] = {}
-    failed: dict[str, dict] = {}
-    n_valid = 0
-    for path in paths:
-        for row in read_rows(path, out.warnings):
-            out.n_read += 1
-            try:
-                rid, status = row["run_id"], row.get("status")
-            except (KeyError, TypeError, AttributeError):
-                out.warnings.append(f"{path}: a row without run_id skipped")
-                continue
-            n_valid += 1
-            if status == "ok":
-                ok[rid] = row  # a later ok row replaces an earlier one
-            else:
-                failed[rid] = row
-    out.ok = list(ok.values())
-    out.failed = sorted((r for rid, r in failed.items() if rid not in ok), key=_failed_order)
-    out.n_superseded = n_valid - len(out.ok) - len(out.failed)
-    return out
+    latest = LastOk().read(*paths)
+    return Rows(list(latest.ok.values()), sorted(latest.never_ok(), key=_failed_order), latest.n_superseded,
+                latest.warnings)
 
 
 def _failed_order(row: dict) -> tuple:
@@ -107,24 +88,29 @@ def rid_of(row: dict) -> str:
 
 # --- grouping ----------------------------------------------------------------------------------
 
+# Cells pool runs over seeds by KEY_FIELDS; runs that differ in any other identity field of the row
+# schema (results.py), or in n_eval, are variants of a method, not pooled. VALUE_FIELDS are pooled.
 KEY_FIELDS = ("model", "dataset", "method", "wbits", "abits", "seed")
+SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval")
 VALUE_FIELDS = ("top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "t_quant_s", "t_synth_s", "t_total_s")
-SIG_FIELDS = ("method_version", "weights", "n_eval", "protocol", "data", "method_cfg")
 _key, _values, _sig = itemgetter(*KEY_FIELDS), itemgetter(*VALUE_FIELDS), itemgetter(*SIG_FIELDS)
+_SHORT = {"method_version": "v", "method_cfg": "method"}  # facet names in variant labels
+_BLOCKS = ("method_cfg", "protocol", "data")  # config blocks: a facet per key, and the preset name
 
 
 def _facets(sig: tuple) -> dict:
-    """What else identifies a result besides (model, dataset, method, bits, seed); ``sig`` holds the
-    values of SIG_FIELDS."""
-    version, weights, n_eval, *nodes = sig
-    d = {"v": version, "weights": weights, "n_eval": n_eval}
-    for prefix, node in zip(("protocol", "data", "method"), nodes, strict=True):
+    """What else identifies a result besides KEY_FIELDS; ``sig`` holds the values of SIG_FIELDS."""
+    d = {}
+    for name, node in zip(SIG_FIELDS, sig, strict=True):
+        prefix = _SHORT.get(name, name)
         if isinstance(node, dict):
-            if prefix != "method":
+            if name != "method_cfg":  # the method's name is in the key already
                 d[prefix] = node.get("name")
             for k, v in node.items():
                 if k != "name":
                     d[f"{prefix}.{k}"] = v if not isinstance(v, (dict, list)) else repr(v)
+        elif name not in _BLOCKS:  # a null block (no calibration data) adds nothing
+            d[prefix] = node
     return d
 
 

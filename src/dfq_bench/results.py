@@ -1,16 +1,75 @@
-"""Result rows: one flat JSON object per run, appended to ``runs.jsonl`` as a single line under an
-exclusive file lock (so concurrent runs never interleave), and written as ``result.json`` by
-temp file + rename. Nothing already in a file is ever rewritten."""
+"""Result rows: their schema, the store and the one reader.
+
+One flat JSON object per run, appended to ``runs.jsonl`` as a single line under an exclusive file
+lock (so concurrent runs never interleave), and written as ``result.json`` by temp file + rename.
+Nothing already in a file is ever rewritten. ``LastOk`` implements "the last ok row per run_id wins"
+for the reporter, the sweep's done-index and scripts/table_*.py.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 RUNS_FILE = "runs.jsonl"
+
+# --- the schema ---------------------------------------------------------------------------------
+# The core fields of a row, by group: "fields": meaning. README.md's table is schema_table()
+# (tests/test_rows.py checks it, and that a real row has every field). Methods add their own counts
+# as further fields; `paper` (experiment= overlays) and the deploy=onnxruntime fields are optional.
+SCHEMA: dict[str, dict[str, str]] = {
+    "identity": {
+        "run_id": "hash of the resolved config (minus `results_dir`, `progress`)",
+        "method method_version method_cfg": "the plugin, its numerics version, its keys",
+        "model weights dataset": "what was evaluated; `weights` is the weights' identity",
+        "wbits abits seed protocol data": "the choices; `data` is the calibration generator config",
+    },
+    "status": {"status error": '`"ok"` or `"failed"`, with the error text'},
+    "metrics": {
+        "top1 top5 top1_fp32 top5_fp32 delta_top1": "percent, quantized and FP32 in the same run",
+        "agree_fp32": "percent of samples whose quantized top-1 equals the FP32 top-1",
+        "kl_fp32": "mean KL(p_fp32 ‖ p_quant) of the softmax outputs",
+        "n_eval": "number of evaluation samples",
+    },
+    "timing": {
+        "t_synth_s t_quant_s t_eval_s t_eval_fp32_s t_total_s": "seconds per phase (perf_counter)",
+        "peak_rss_mb": "peak resident memory of the process",
+    },
+    "provenance": {
+        "git_sha git_dirty versions device_name started_at run_dir": "where and with what it ran",
+        "data_info eval_cache": "where calibration data and FP32 logits came from (cache hit or miss)",
+    },
+    "run info": {  # set as the run gets there: absent from a row that failed before; `dummy` has no counts
+        "dataset_info": "the evaluation set as loaded (source, split, limit, preprocessing)",
+        "act_range n_layers n_bn_folded n_act_quant n_act_bn_rule": "what the pipeline did",
+        "bn_fold_rule n_norm_act_split n_bn_unfolded": "how BN was folded (`graph`, or `module` for an untraceable "
+        "model; null when not folded), fused norm-activation modules split, BN modules left unfolded",
+    },
+}
+FIELDS: dict[str, str] = {f: group for group, lines in SCHEMA.items() for names in lines for f in names.split()}
+
+
+def fields(*groups: str) -> tuple[str, ...]:
+    """The schema's fields of ``groups``, in schema order."""
+    return tuple(f for f, g in FIELDS.items() if g in groups)
+
+
+IN_EVERY_ROW = fields("identity", "status", "metrics", "timing", "provenance")  # failed rows too
+
+
+def schema_table() -> str:
+    """The schema as the Markdown table in README.md."""
+    lines = ["| group | fields | meaning |", "|---|---|---|"]
+    for group, entries in SCHEMA.items():
+        for i, (names, meaning) in enumerate(entries.items()):
+            lines.append(f"| {'' if i else group} | {', '.join(f'`{n}`' for n in names.split())} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- writing ------------------------------------------------------------------------------------
 
 
 class ResultsDirError(OSError):
@@ -52,22 +111,78 @@ def append_row(results_dir: str | Path, row: dict) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_json(path: str | Path, obj: dict) -> None:
-    """Writes ``obj`` atomically (temp file in the same directory, then rename)."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Calls ``write(tmp)`` on a temp file beside ``path`` and renames it over ``path``: a reader sees
+    the old file or the new one, never part of one. The temp file is removed if ``write`` fails."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def read_rows(path: str | Path, errors: list | None = None) -> Iterator[dict]:
-    """Yields the rows of a runs.jsonl; a corrupt line is reported in ``errors`` and skipped."""
+def write_json(path: str | Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def parse_lines(lines: Iterable[str | bytes], where: str | Path, errors: list | None = None) -> Iterator:
+    """Yields the JSON value of each non-blank line; a corrupt one is reported in ``errors`` as
+    ``where:lineno`` and skipped."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as e:
+            if errors is not None:
+                errors.append(f"{where}:{lineno}: corrupt row skipped ({getattr(e, 'msg', e)})")
+
+
+def read_rows(path: str | Path, errors: list | None = None) -> Iterator:
+    """Yields the rows of a runs.jsonl in file order; a corrupt line is reported in ``errors`` and skipped."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        yield from parse_lines(f, path, errors)
+
+
+class LastOk:
+    """Folds rows, in the order given, into ``ok``: run_id -> its last ok row. Keeps the last other
+    row of each run_id in ``failed`` and counts rows, so a caller can list the run_ids that never
+    succeeded and say how many rows were superseded. ``add`` can be called again as a file grows."""
+
+    def __init__(self):
+        self.ok: dict[str, dict] = {}
+        self.failed: dict[str, dict] = {}
+        self.n_rows = 0  # rows with a run_id
+        self.warnings: list[str] = []
+
+    def add(self, rows: Iterable, where: str | Path = "") -> LastOk:
+        for row in rows:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                if errors is not None:
-                    errors.append(f"{path}:{lineno}: corrupt row skipped ({e.msg})")
+                rid, status = row["run_id"], row.get("status")
+            except (KeyError, TypeError, AttributeError):
+                self.warnings.append(f"{where}: a row without run_id skipped")
+                continue
+            self.n_rows += 1
+            (self.ok if status == "ok" else self.failed)[rid] = row
+        return self
+
+    def read(self, *paths: str | Path) -> LastOk:
+        """Adds the rows of each runs.jsonl; corrupt lines become warnings."""
+        for path in paths:
+            self.add(read_rows(path, self.warnings), path)
+        return self
+
+    def never_ok(self) -> list[dict]:
+        """The last row of each run_id without an ok row."""
+        return [r for rid, r in self.failed.items() if rid not in self.ok]
+
+    @property
+    def n_superseded(self) -> int:  # rows replaced by a later row of the same run_id
+        return self.n_rows - len(self.ok) - len(self.never_ok())

@@ -29,7 +29,7 @@ from dfq_bench.method import QuantContext
 from dfq_bench.models import BuiltModel, reestimate_bn
 from dfq_bench.quant import NonFiniteError, first_nonfinite
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
-from dfq_bench.results import append_row, check_writable, write_json
+from dfq_bench.results import IN_EVERY_ROW, append_row, check_writable, write_json
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -200,19 +200,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
     method_cls = METHODS.get(cfg.method.name)
     method_cfg = plugin_config(method_cls, cfg.method, "method")
     row = {
-        "run_id": run_id(cfg), "status": "failed", "error": None,
+        **dict.fromkeys(IN_EVERY_ROW),  # None until measured
+        "run_id": run_id(cfg), "status": "failed",
         "method": cfg.method.name, "method_version": method_cls.version,
         "model": model_label(cfg), "dataset": cfg.dataset.name,
         "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed,
         "protocol": OmegaConf.to_container(cfg.protocol, enum_to_str=True),
         "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
-        "data": None, "data_info": None, "weights": None,
-        "top1": None, "top5": None, "top1_fp32": None, "top5_fp32": None, "delta_top1": None,
-        "agree_fp32": None, "kl_fp32": None, "n_eval": None,
-        "t_synth_s": 0.0, "t_quant_s": None, "t_eval_s": None, "t_eval_fp32_s": None,
-        **provenance(cfg),
+        "t_synth_s": 0.0, **provenance(cfg),
         "run_dir": str(run_dir) if run_dir is not None else None,
-        "eval_cache": None,
     }
     if cfg.get("paper") is not None:
         row["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)

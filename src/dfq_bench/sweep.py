@@ -12,19 +12,18 @@ trailing newline yet) is left for the next look.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dfq_bench.results import RUNS_FILE
+from dfq_bench.results import RUNS_FILE, LastOk, parse_lines
 
 
 @dataclass
 class _Index:
     inode: int = -1
     offset: int = 0
-    done: dict[str, dict] = field(default_factory=dict)  # run_id -> its last ok row
+    rows: LastOk = field(default_factory=LastOk)
 
 
 _INDEXES: dict[str, _Index] = {}
@@ -49,17 +48,9 @@ def finished_rows(results_dir: str | Path) -> dict[str, dict]:
             f.seek(index.offset)
             chunk = f.read(st.st_size - index.offset)
         end = chunk.rfind(b"\n") + 1  # only complete lines
-        for line in chunk[:end].splitlines():
-            if b'"ok"' not in line:  # cheap pre-filter: failed rows are not indexed
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("status") == "ok" and "run_id" in row:
-                index.done[row["run_id"]] = row
+        index.rows.add(parse_lines(chunk[:end].split(b"\n"), path), path)
         index.offset += end
-    return index.done
+    return index.rows.ok
 
 
 def finished_row(results_dir: str | Path, run_id: str) -> dict | None:

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from dfq_bench.evalcache import weights_sha256
+from dfq_bench.results import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -69,13 +70,6 @@ def _load(path: Path, key: str) -> dict | None:
         return None
 
 
-def _save(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(entry, tmp)
-    os.replace(tmp, path)
-
-
 def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
                     make: Callable[[], tuple[list[Tensor], dict]]) -> Batches:
     """Returns the cached batches for this key, or calls ``make() -> (batches, info)`` and stores
@@ -94,7 +88,8 @@ def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
     batches, info = make()
     info = {**info, "t_generate_s": time.perf_counter() - t0}
     try:
-        _save(path, {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info})
+        entry = {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info}
+        atomic_write(path, lambda tmp: torch.save(entry, tmp))
     except OSError as e:  # a read-only cache must not fail the run
         log.warning("cannot write synthetic-data cache %s (%s)", path, e)
     return Batches(batches, {**info, "cache": "miss", "cache_file": str(path)})

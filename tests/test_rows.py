@@ -1,0 +1,81 @@
+"""The row schema (runner, README, reporter, loggers), the one "last ok row per run_id wins" reader,
+and the atomic file writer."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dfq_bench import loggers, report
+from dfq_bench.config import CONF_DIR, register_configs
+from dfq_bench.results import FIELDS, IN_EVERY_ROW, LastOk, atomic_write, fields, read_rows, schema_table
+from dfq_bench.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "dataset.batch_size=32"]
+
+
+def compose_cfg(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_a_real_row_has_every_schema_field_and_a_failed_one_every_field_of_every_row(tmp_path):
+    row = run(compose_cfg([*TINY, "method=rtn", "wbits=4", "abits=8", f"results_dir={tmp_path}"]))
+    assert row["status"] == "ok" and set(FIELDS) <= set(row)
+    (written,) = read_rows(tmp_path / "runs.jsonl")
+    assert set(FIELDS) <= set(written) and written["run_id"] == row["run_id"]
+    with pytest.raises(Exception, match="does not exist"):  # fails before the dataset is read
+        run(compose_cfg([*TINY, "dataset=imagenet", "dataset.root=/nonexistent", f"results_dir={tmp_path}"]))
+    failed = list(read_rows(tmp_path / "runs.jsonl"))[-1]
+    assert failed["status"] == "failed" and set(IN_EVERY_ROW) <= set(failed)
+    assert not set(fields("run info")) & set(failed)
+
+
+def test_readme_field_table_is_the_schema():
+    readme = (REPO / "README.md").read_text()
+    assert schema_table() in readme
+    section = readme.split("## The result row", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{f}`" in section for f in FIELDS)
+
+
+def test_reporter_and_loggers_read_their_fields_from_the_schema():
+    assert loggers.IDENTITY == fields("identity")
+    assert set(report.KEY_FIELDS + report.SIG_FIELDS + report.VALUE_FIELDS) <= set(FIELDS)
+    assert set(report.KEY_FIELDS + report.SIG_FIELDS) == set(fields("identity")) - {"run_id"} | {"n_eval"}
+
+
+def test_last_ok_row_per_run_id_wins_whole_or_incrementally(tmp_path):
+    rows = [{"run_id": "a", "status": "failed"}, {"run_id": "a", "status": "ok", "v": 1},
+            {"run_id": "b", "status": "ok", "v": 1}, {"run_id": "b", "status": "ok", "v": 2},
+            {"run_id": "b", "status": "failed"}, {"run_id": "c", "status": "failed", "v": 1},
+            {"run_id": "c", "status": "failed", "v": 2}, {"no_id": 1}, [1, 2]]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + "{torn\n"
+                    + "".join(json.dumps(r) + "\n" for r in rows[4:]))
+    whole = LastOk().read(path)
+    assert {k: r["v"] for k, r in whole.ok.items()} == {"a": 1, "b": 2}
+    assert whole.never_ok() == [{"run_id": "c", "status": "failed", "v": 2}]
+    assert whole.n_rows == 7 and whole.n_superseded == 4  # a's failed, b's v=1, b's failed, c's v=1
+    assert whole.warnings == [f"{path}:5: corrupt row skipped (Expecting property name enclosed in double quotes)",
+                              f"{path}: a row without run_id skipped", f"{path}: a row without run_id skipped"]
+    step = LastOk()
+    for r in rows:
+        step.add([r])
+    assert (step.ok, step.failed, step.n_rows) == (whole.ok, whole.failed, whole.n_rows)
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "f.txt"
+    atomic_write(path, lambda tmp: tmp.write_text("one"))
+    assert path.read_text() == "one"
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "one" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
