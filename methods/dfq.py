@@ -30,7 +30,7 @@ Steps (each a config key, all on by default), in this order:
    N(beta, gamma^2) and b <- b - (eps summed over spatial dims) @ E[x], eps = Q(W) - W on the layer's
    actual grid (its planned bit width and the protocol's granularity).
 6. Activation ranges: the ``bn`` rule (beta +- 6|gamma| after ReLU, capped at 6 after ReLU6) fed
-   with the statistics after CLE and absorption (``Method.calibrate`` passes them as ``bn_sources``);
+   with the statistics after CLE and absorption (``DFQ.bn_sources``, read by ``Method.calibrate``);
    inputs without a BN source (residual adds, concatenations) fall back to min/max on the
    calibration batches.
 
@@ -75,8 +75,7 @@ from dfq_bench.graph import (
     relu6_sites,
 )
 from dfq_bench.graph import relu6_to_relu as replace_relu6
-from dfq_bench.method import Method, QuantContext
-from dfq_bench.observers import calibrate_activations
+from dfq_bench.method import Method, QuantContext, QuantState
 from dfq_bench.quant import Grid, LayerPlan, fold_bn
 
 log = logging.getLogger(__name__)
@@ -355,33 +354,30 @@ class DFQ(Method):
             raise ValueError(f"method.cle_max_iter={c.cle_max_iter!r} is invalid; valid: an integer >= 1")
         if not c.absorb_n_std >= 0:
             raise ValueError(f"method.absorb_n_std={c.absorb_n_std!r} is invalid; valid: a float >= 0")
-        self._facts: _FloatFacts | None = None
-        self._eps: dict[str, Tensor] = {}
-        self._replaced: set = set()
 
     def needs_graph(self, ctx: QuantContext) -> bool:
         c = self.cfg
         return c.relu6_to_relu or c.cle or c.bias_absorption or c.bias_correction or super().needs_graph(ctx)
 
-    def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
-        self.check_model(model, ctx)  # an untraceable model is refused before any work
-        self._facts, self._eps, self._replaced = float_facts(model), {}, set()
-        try:
-            return super().quantize(model, ctx)
-        finally:
-            self._facts, self._eps, self._replaced = None, {}, set()
+    def prepare(self, state: QuantState) -> None:
+        """Reads the float model's BN statistics and graph facts first (``float_facts``)."""
+        state.scratch.update(facts=float_facts(state.float_model), eps={}, replaced=set())
+        super().prepare(state)
 
-    def _act(self, src) -> str | None:
+    @staticmethod
+    def _act(src, replaced: set) -> str | None:
         """The activation between a BN and a layer, after the ReLU6 replacement."""
-        return "relu" if src.act == "relu6" and src.act_site in self._replaced else src.act
+        return "relu" if src.act == "relu6" and src.act_site in replaced else src.act
 
-    def transform(self, qmodel: nn.Module, ctx: QuantContext) -> nn.Module:
-        cfg, facts, info = self.cfg, self._facts, ctx.info
+    def transform(self, state: QuantState) -> None:
+        cfg, facts, info, ctx = self.cfg, state.scratch["facts"], state.info, state.ctx
+        qmodel = state.model
         info["n_relu6_to_relu"] = 0
         if cfg.relu6_to_relu:
             safe = Relu6Scope(cfg.relu6_scope) == Relu6Scope.safe
-            self._replaced = safe_relu6_sites(facts) if safe else set(facts.relu6)
-            qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel, self._replaced if safe else None)
+            state.scratch["replaced"] = replaced = safe_relu6_sites(facts) if safe else set(facts.relu6)
+            qmodel, info["n_relu6_to_relu"] = replace_relu6(qmodel, replaced if safe else None)
+            state.model = qmodel
         info["n_relu6_kept"] = max(0, sum(len(v) for v in facts.relu6.values()) - info["n_relu6_to_relu"])
         n_fold = fold_bn(qmodel, info)  # 0 when the protocol already folded
         info["n_bn_folded"] = info.get("n_bn_folded", 0) + n_fold
@@ -409,41 +405,36 @@ class DFQ(Method):
                     facts.stats[bn] = (mean - c, std)
                     info["n_absorbed"] += 1
                     info["n_absorbed_channels"] += int((c > 0).sum())
-        return qmodel
 
-    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan) -> Tensor:
+    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan | None, state: QuantState | None = None) -> Tensor:
         levels = grid.levels(w)
-        if self.cfg.bias_correction:
-            self._eps[plan.name] = (grid.dequant(levels) - w).detach().double()
+        if self.cfg.bias_correction and state is not None:
+            state.scratch["eps"][plan.name] = (grid.dequant(levels) - w).detach().double()
         return levels
 
-    def after_weights(self, qmodel: nn.Module, plans: list[LayerPlan], ctx: QuantContext) -> None:
-        ctx.info["n_bias_corrected"] = 0
+    def correct(self, state: QuantState) -> None:
+        """Bias correction: b <- b - eps @ E[x], E[x] from the BN statistics (step 5)."""
+        state.info["n_bias_corrected"] = 0
         if not self.cfg.bias_correction:
             return
-        facts = self._facts
-        for p in plans:
+        facts, eps = state.scratch["facts"], state.scratch["eps"]
+        for p in state.plans:
             src = facts.mean_src.get(p.name)
-            if src is None or p.name not in self._eps:
+            if src is None or p.name not in eps:
                 continue
             mean, std = facts.stats[src.name]
             layer, n = p.module, mean.numel()
             fits = layer.in_features % n == 0 if isinstance(layer, nn.Linear) else layer.in_channels == n
             if not fits:
                 continue
-            ex = clipped_gaussian_mean(mean, std, self._act(src))
-            _add_bias(layer, -in_apply(layer, self._eps[p.name], ex))
-            ctx.info["n_bias_corrected"] += 1
+            ex = clipped_gaussian_mean(mean, std, self._act(src, state.scratch["replaced"]))
+            _add_bias(layer, -in_apply(layer, eps[p.name], ex))
+            state.info["n_bias_corrected"] += 1
 
-    def bn_sources(self) -> dict:
+    def bn_sources(self, state: QuantState) -> dict:
         """The `bn` range rule's inputs, with the statistics as CLE and absorption left them."""
-        out = {}
-        for layer, src in self._facts.range_src.items():
-            mean, std = self._facts.stats[src.name]
-            out[layer] = (SimpleNamespace(weight=std.float(), bias=mean.float()), self._act(src))
+        facts, replaced, out = state.scratch["facts"], state.scratch["replaced"], {}
+        for layer, src in facts.range_src.items():
+            mean, std = facts.stats[src.name]
+            out[layer] = (SimpleNamespace(weight=std.float(), bias=mean.float()), self._act(src, replaced))
         return out
-
-    def calibrate(self, qmodel: nn.Module, plans: list[LayerPlan], rule: str, model: nn.Module,
-                  ctx: QuantContext) -> dict:
-        return calibrate_activations(qmodel, plans, rule, ctx.protocol, ctx.calib, float_model=model,
-                                     bn_sources=self.bn_sources())

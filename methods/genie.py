@@ -38,7 +38,6 @@ per block) takes hours on a GPU for ResNet-18; ``genie_cpu`` is a small CPU pres
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -48,8 +47,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from dfq_bench.learn import LsqActQuant, SoftRoundWeight, to_act_quant, weight_grid_lp
-from dfq_bench.method import Method, QuantContext
-from dfq_bench.quant import QuantLayer, _set_submodule, plan_layers, prepare_model, quant_layers
+from dfq_bench.method import Method, QuantState, copy_frozen
+from dfq_bench.quant import Grid, LayerPlan, QuantLayer, _set_submodule, quant_layers
 
 log = logging.getLogger(__name__)
 BLOCK_TYPES = ["BasicBlock", "Bottleneck", "ResBottleneckBlock", "InvertedResidual", "DwsConvBlock", "ConvBlock"]
@@ -242,35 +241,55 @@ class Genie(Method):
         second_abits: int | None = None  # 8: the reference's 8-bit input of the second layer
         blocks: list[str] = field(default_factory=lambda: list(BLOCK_TYPES))
 
-    def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
-        cfg, protocol = self.cfg, ctx.protocol
-        if not ctx.calib:
+    def prepare(self, state: QuantState) -> None:
+        """Checks the keys and the data, then keeps the prepared float model as the teacher whose
+        block outputs are the targets; the student is a frozen copy of it."""
+        cfg = self.cfg
+        if not state.ctx.calib:
             raise ValueError("genie needs calibration batches (data=genie|zeroq|noise|real)")
         if cfg.steps < 0 or cfg.batch_size < 1 or not 0.0 <= cfg.drop_p <= 1.0:
             raise ValueError(f"method.steps={cfg.steps}, batch_size={cfg.batch_size}, drop_p={cfg.drop_p}: "
                              "valid: steps >= 0, batch_size >= 1, 0 <= drop_p <= 1")
-        self.check_model(model, ctx)
-        teacher, n_folded = prepare_model(model, protocol.fold_bn, ctx.info)
-        ctx.info["n_bn_folded"] = n_folded
-        qmodel = copy.deepcopy(teacher)
-        for p in qmodel.parameters():
-            p.requires_grad_(False)
-        plans = plan_layers(qmodel, ctx.example_input, protocol, ctx.wbits, ctx.abits)
-        if cfg.second_abits is not None and len(plans) > 1 and plans[1].a_bits is not None:
-            plans[1].a_bits = cfg.second_abits
-        ctx.info["n_layers"] = len(plans)
-        per_channel = protocol.w_granularity == "per_channel"
-        for p in plans:
-            grid = None
-            if p.w_bits is not None:
-                grid = weight_grid_lp(p.module.weight.detach(), p.w_bits, per_channel, protocol.w_symmetric, cfg.p_norm)
+        super().prepare(state)
+        state.teacher, state.model = state.model, copy_frozen(state.model)
+
+    def plan(self, state: QuantState) -> None:
+        super().plan(state)
+        plans = state.plans
+        if self.cfg.second_abits is not None and len(plans) > 1 and plans[1].a_bits is not None:
+            plans[1].a_bits = self.cfg.second_abits
+
+    def weight_grid(self, w: Tensor, plan: LayerPlan, state: QuantState) -> Grid:
+        """The |w - Q(w)|^p search over shrunk min/max ranges (BRECQ/GENIE's initialisation)."""
+        proto = state.protocol
+        return weight_grid_lp(w, plan.w_bits, proto.w_granularity == "per_channel", proto.w_symmetric,
+                              self.cfg.p_norm)
+
+    def round(self, state: QuantState) -> None:
+        """No fixed rounding: the levels are learned (AdaRound soft bits, see ``weights``)."""
+
+    def weights(self, state: QuantState) -> None:
+        """AdaRound soft bits with a learned step size on each planned layer's weight."""
+        for p in state.plans:
+            grid = state.grids.get(p.name)
+            if grid is not None:
                 parametrize.register_parametrization(p.module, "weight", SoftRoundWeight(p.module.weight, grid))
-            act = None
+            _set_submodule(state.model, p.name, QuantLayer(p.module, None, grid, p.w_bits))
+
+    def calibrate(self, state: QuantState) -> None:
+        """LSQ activation quantizers; their step sizes are set on each block's inputs in ``train``."""
+        cfg, proto, layers = self.cfg, state.protocol, quant_layers(state.model)
+        for p in state.plans:
             if p.a_bits is not None:
-                act = LsqActQuant(p.a_bits, protocol.a_symmetric, cfg.drop_p, cfg.p_norm).to(p.module.weight.device)
-            _set_submodule(qmodel, p.name, QuantLayer(p.module, act, grid, p.w_bits))
-        x = torch.cat(list(ctx.calib)).to(ctx.example_input.device)
-        blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in plans])
+                layers[p.name].act_quant = LsqActQuant(p.a_bits, proto.a_symmetric, cfg.drop_p,
+                                                       cfg.p_norm).to(p.module.weight.device)
+        state.info["act_range"] = "lsq" if state.ctx.abits is not None else None
+
+    def train(self, state: QuantState) -> None:
+        """Block reconstruction, block by block in execution order, then hard rounding."""
+        cfg, ctx, teacher, qmodel = self.cfg, state.ctx, state.teacher, state.model
+        x = torch.cat(list(state.batches())).to(ctx.example_input.device)
+        blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in state.plans])
         report = []
         for i, (name, block) in enumerate(ctx.progress(blocks, desc="genie blocks")):
             x_fp, y = capture(teacher, teacher.get_submodule(name), x, 256, output=True)
@@ -280,8 +299,7 @@ class Genie(Method):
             report.append({"block": name, "n_layers": sum(isinstance(m, QuantLayer) for m in block.modules()),
                            **losses})
             log.info("genie block %s: loss %.4g -> %.4g", name, losses["loss_init"], losses["loss_final"])
-        ctx.info["n_blocks"] = len(blocks)
-        ctx.info["recon_blocks"] = report
-        ctx.info["act_range"] = "lsq" if ctx.abits is not None else None
-        ctx.info["n_act_quant"] = sum(ql.act_quant is not None for ql in quant_layers(qmodel).values())
-        return qmodel.eval()
+        state.info["n_blocks"] = len(blocks)
+        state.info["recon_blocks"] = report
+        state.info["n_act_quant"] = sum(ql.act_quant is not None for ql in quant_layers(qmodel).values())
+        state.model = qmodel.eval()

@@ -55,14 +55,13 @@ Deviations from the reference, all recorded here:
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dfq_bench.config import MAX_BITS, MIN_BITS, ConfigError
-from dfq_bench.method import Method, QuantContext
+from dfq_bench.method import Method, QuantState
 from dfq_bench.quant import Grid, LayerPlan
 
 MODES = {  # mode -> (kernel stage, channel stage)
@@ -299,19 +298,14 @@ class KTable:
         )
 
 
-# The method's table, visible to the rule only while that method quantizes (a context variable, so
-# nothing leaks into later runs); another method using act_range=squant gets the defaults.
-_K_TABLE: ContextVar[KTable | None] = ContextVar("squant_k_table", default=None)
-
-
 class SquantRange:
     """SQuant's activation range from the first batch (sequential: set during the pass)."""
 
     sequential = True
 
-    def __init__(self, bits: int, protocol=None):
+    def __init__(self, bits: int, protocol=None, k_table: KTable | None = None):
         self.bits = bits
-        self.k = (_K_TABLE.get() or KTable()).for_bits(bits)
+        self.k = (k_table or KTable()).for_bits(bits)  # the method's table, or the defaults
         self.lo: float | None = None
         self.hi: float | None = None
 
@@ -378,24 +372,26 @@ class Squant(Method):
         self.mode = cfg.mode
         self.kernel, self.channel = MODES[cfg.mode]
         self.k_table = KTable({str(b): float(v) for b, v in cfg.k.items()}, cfg.k_other)
-        self._stats: dict = {}
 
-    def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
+    def prepare(self, state: QuantState) -> None:
+        ctx = state.ctx
         if ctx.abits is not None and self.act_range(ctx) == "squant":  # fail before any work
             last = ctx.protocol.last_abits if ctx.protocol.last_abits is not None else ctx.abits
             for bits in {ctx.abits, last}:
                 self.k_table.for_bits(bits)
-        self._stats = {}
-        token = _K_TABLE.set(self.k_table)
-        try:
-            qmodel = super().quantize(model, ctx)
-        finally:
-            _K_TABLE.reset(token)
-        ctx.info["squant_flip_frac"] = self._stats.get("changed", 0) / max(self._stats.get("total", 0), 1)
-        return qmodel
+        super().prepare(state)
 
-    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan) -> Tensor:
-        levels = flip_levels(grid.scaled(w.detach()), grid.qmin, grid.qmax, self.kernel, self.channel,
-                             self._stats)
-        self._stats["total"] = self._stats.get("total", 0) + levels.numel()
+    def round(self, state: QuantState) -> None:
+        state.scratch["flips"] = {}
+        super().round(state)
+        stats = state.scratch["flips"]
+        state.info["squant_flip_frac"] = stats.get("changed", 0) / max(stats.get("total", 0), 1)
+
+    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan | None, state: QuantState | None = None) -> Tensor:
+        stats = state.scratch["flips"] if state is not None else {}
+        levels = flip_levels(grid.scaled(w.detach()), grid.qmin, grid.qmax, self.kernel, self.channel, stats)
+        stats["total"] = stats.get("total", 0) + levels.numel()
         return levels
+
+    def rule_options(self, rule: str, state: QuantState) -> dict:
+        return {"k_table": self.k_table} if rule == "squant" else {}

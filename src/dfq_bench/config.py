@@ -201,4 +201,22 @@ def identity_config(cfg: DictConfig) -> dict:
         d.get("model", {}).pop("bn_reestimate", None)
     if d.get("dataset", {}).get("images") == "gaussian":  # and for the fake dataset's default images
         d["dataset"].pop("images")
+    data = d.get("data") or {}
+    if data.get("name") == "noise" and _noise_space(d) in (None, "raw"):
+        data.pop("space", None)  # the noise every run used before the key existed, or noise never used
     return d
+
+
+def _noise_space(d: dict) -> str | None:
+    """The noise space a run really uses (``space: auto`` resolved by its activation range rule), or
+    None when it uses no calibration data (weight-only, and a method that needs none)."""
+    from dfq_bench import catalog  # noqa: F401  (fills the registries)
+    from dfq_bench.registry import METHODS
+
+    cls = METHODS.get(d["method"]["name"])
+    if d.get("abits") is None and not cls.needs_data:
+        return None
+    space = d["data"].get("space", "raw")
+    if space == "auto":
+        space = "raw" if ((d.get("protocol") or {}).get("act_range") or cls.default_act_range) == "squant" else "pixel"
+    return space

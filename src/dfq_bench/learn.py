@@ -11,6 +11,8 @@ The grid itself (scale, integer zero-point, level range) is always a ``quant.Gri
   integer base floor(w / s0), with a learnable per-channel step size (GENIE-M). Registered as a
   ``torch.nn.utils.parametrize`` parametrization of a layer's ``weight``; ``hard_levels`` gives the
   final integer levels, so the learned weights are exactly ``Grid(s, zero_point).dequant(levels)``.
+- ``SteWeight``: a weight kept on its fixed grid in every forward while the float weight trains
+  (straight-through rounding), for fine-tuning (``Method.weight_quantizer = "ste"``).
 - ``LsqActQuant``: per-tensor activation fake-quant with a learned step size and QDrop (each element
   kept in float with probability ``drop_p`` while training); ``to_act_quant`` freezes it into the
   shared ``quant.ActQuant``.
@@ -137,6 +139,20 @@ class SoftRoundWeight(nn.Module):
             return (self.hard_levels() - self.zero_point) * self.scale
         levels = torch.clamp(self.base + self.soft_bits() + self.zero_point, self.qmin, self.qmax)
         return (levels - self.zero_point) * self.scale
+
+
+class SteWeight(nn.Module):
+    """Parametrization w -> grid.fake(w) with a straight-through gradient: the float weight trains,
+    the layer always computes with a weight on ``grid`` (at most qmax - qmin + 1 levels per channel)."""
+
+    def __init__(self, grid: Grid):
+        super().__init__()
+        self.register_buffer("scale", grid.scale.detach().clone())
+        self.register_buffer("zero_point", grid.zero_point.detach().clone())
+        self.qmin, self.qmax = grid.qmin, grid.qmax
+
+    def forward(self, w: Tensor) -> Tensor:
+        return lsq_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax)
 
 
 class LsqActQuant(nn.Module):

@@ -1,29 +1,50 @@
-"""The quantizer plugin interface.
+"""The staged quantization core: the plugin interface every method is written on.
 
 A method is a class with a ``name``, a ``version`` (bump it when its numerics change; it is written
-into every row), a ``Config`` dataclass for its own keys, and ``quantize(model, ctx)`` which returns
-a NEW fake-quantized model and leaves ``model`` untouched. The runner hands it everything it may
-need in ``QuantContext``; a method never loads data or files itself.
+into every row), a ``Config`` dataclass for its own keys, and the stages below. ``quantize(model,
+ctx)`` returns a NEW fake-quantized model and leaves ``model`` untouched; the runner and the Python
+API (``dfq_bench.quantize``) hand it everything it may need in ``QuantContext``; a method never
+loads data or files itself.
 
-Most methods only change one step of the standard pipeline, so ``Method.quantize`` is a template:
-copy (+ fold BN) -> ``transform`` -> plan layers -> ``round_weights`` -> ``after_weights`` ->
-activation ranges (``calibrate``). Override the step you change; GENIE-style reconstruction
-overrides ``quantize``.
+One ``QuantState`` travels through the stages, in this order (``STAGES``):
+
+    prepare    copy the float model, split fused norm-activations, fold BN (protocol.fold_bn)
+    transform  float-equivalent rewrites (DFQ's equalization, absorption)
+    plan       per-layer bits and roles: a Planner (``quant.PLANNERS``; the protocol rules by default)
+    grid       a weight grid per planned layer (``weight_grid``: the uniform min/max grid by default)
+    round      integer weight levels on that grid (``round_weights``: round to nearest by default)
+    weights    the weight quantizer modules: baked levels (default) or STE-trainable weights
+               (``weight_quantizer = "ste"``); GENIE installs AdaRound soft bits here
+    correct    corrections after rounding (DFQ's bias correction)
+    calibrate  activation quantizers and their ranges: the range rule (``act_range``) with its own
+               options (``rule_options``), on the calibration source's batches
+    train      optional optimisation of the quantized model (GENIE's block reconstruction)
+
+A method overrides the stages it changes and calls ``super()`` for the rest; per-run values live in
+``state.scratch``, never on the method instance. The calibration source may be a list of batches or
+a callable that takes the state (``state.batches()``): it then sees the partially quantized student,
+so a generator can be trained against it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import MISSING
 from torch import Tensor, nn
 
 from dfq_bench.config import UnsupportedError
 from dfq_bench.graph import TraceError, trace
+from dfq_bench.learn import SteWeight
 from dfq_bench.observers import calibrate_activations
-from dfq_bench.quant import Grid, LayerPlan, plan_layers, prepare_model, quantize_weights
+from dfq_bench.quant import PLANNERS, Grid, LayerPlan, QuantLayer, bake_weights, prepare_model, weight_grid
+
+STAGES = ("prepare", "transform", "plan", "grid", "round", "weights", "correct", "calibrate", "train")
+CalibSource = Callable[["QuantState"], list[Tensor]]
 
 
 @dataclass
@@ -36,9 +57,40 @@ class QuantContext:
     seed: int
     device: str
     example_input: Tensor  # one input batch of the right shape, on ``device``
-    calib: list[Tensor] | None = None  # calibration batches (synthetic, noise or real), if any
+    calib: list[Tensor] | CalibSource | None = None  # batches, or a source called with the state
     progress: Callable = lambda it, **kw: it  # wraps long loops in a progress bar
     info: dict = field(default_factory=dict)  # method-specific fields for the result row
+    planner: Any = None  # a ``quant.PLANNERS`` name or a Planner; None: the protocol's rules
+
+
+@dataclass
+class QuantState:
+    """What one quantization hands from stage to stage."""
+
+    float_model: nn.Module  # the caller's model: never modified
+    ctx: QuantContext
+    model: nn.Module | None = None  # the working copy the stages quantize in place
+    plans: list[LayerPlan] = field(default_factory=list)
+    grids: dict[str, Grid] = field(default_factory=dict)  # planned layer -> its weight grid
+    levels: dict[str, Tensor] = field(default_factory=dict)  # planned layer -> integer weight levels
+    teacher: nn.Module | None = None  # a prepared float reference, for methods that need one
+    scratch: dict = field(default_factory=dict)  # the method's own per-run values
+    _batches: list[Tensor] | None = None
+
+    @property
+    def info(self) -> dict:
+        return self.ctx.info
+
+    @property
+    def protocol(self):
+        return self.ctx.protocol
+
+    def batches(self) -> list[Tensor] | None:
+        """The calibration batches; a callable source is called once, with this state."""
+        if self._batches is None and self.ctx.calib is not None:
+            calib = self.ctx.calib
+            self._batches = list(calib(self) if callable(calib) else calib)
+        return self._batches
 
 
 class Method:
@@ -48,6 +100,7 @@ class Method:
     version = "1"
     default_act_range = "minmax"
     needs_data = False  # True if the method itself (not only its activation rule) uses batches
+    weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
 
     @dataclass
     class Config:
@@ -55,6 +108,8 @@ class Method:
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
+
+    # ---- what the runner asks before any work ---------------------------------------------------
 
     def act_range(self, ctx: QuantContext) -> str:
         return ctx.protocol.act_range or self.default_act_range
@@ -68,7 +123,7 @@ class Method:
         """Raises ``UnsupportedError`` (one line, before any work) if this run cannot be done on
         ``model``: here, if it needs the layer graph and torch.fx cannot trace the model."""
         if not self.needs_graph(ctx) or getattr(ctx, "_checked_model", None) is model:
-            return  # nothing to check, or checked already for this context (DFQ.quantize, then the template)
+            return  # nothing to check, or checked already for this context (runner, then quantize)
         try:
             trace(model)
             ctx._checked_model = model
@@ -81,34 +136,91 @@ class Method:
         """Whether the runner must produce calibration batches (timed as t_synth_s)."""
         return self.needs_data or ctx.abits is not None
 
+    # ---- the stages -----------------------------------------------------------------------------
+
     def quantize(self, model: nn.Module, ctx: QuantContext) -> nn.Module:
         self.check_model(model, ctx)
-        qmodel, n_folded = prepare_model(model, ctx.protocol.fold_bn, ctx.info)
-        ctx.info["n_bn_folded"] = n_folded
-        qmodel = self.transform(qmodel, ctx)
-        plans = plan_layers(qmodel, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)
-        ctx.info["n_layers"] = len(plans)
-        quantize_weights(qmodel, plans, ctx.protocol, self.round_weights)
-        self.after_weights(qmodel, plans, ctx)
-        rule = self.act_range(ctx)
-        ctx.info["act_range"] = rule if ctx.abits is not None else None
-        if ctx.abits is not None:
-            ctx.info.update(self.calibrate(qmodel, plans, rule, model, ctx))
-        return qmodel
+        state = QuantState(model, ctx)
+        for stage in STAGES:
+            getattr(self, stage)(state)
+        return state.model
 
-    def transform(self, qmodel: nn.Module, ctx: QuantContext) -> nn.Module:
-        """Float-equivalent rewrite before weight quantization (e.g. cross-layer equalization)."""
-        return qmodel
+    def prepare(self, state: QuantState) -> None:
+        state.model, state.info["n_bn_folded"] = prepare_model(state.float_model, state.protocol.fold_bn,
+                                                               state.info)
 
-    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan) -> Tensor:
+    def transform(self, state: QuantState) -> None:
+        """Float-equivalent rewrites of ``state.model`` before weight quantization."""
+
+    def plan(self, state: QuantState) -> None:
+        ctx = state.ctx
+        planner = PLANNERS.get(ctx.planner or "protocol") if isinstance(ctx.planner or "protocol", str) \
+            else ctx.planner
+        state.plans = planner(state.model, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)
+        state.info["n_layers"] = len(state.plans)
+
+    def grid(self, state: QuantState) -> None:
+        for p in state.plans:
+            if p.w_bits is not None:
+                state.grids[p.name] = self.weight_grid(p.module.weight.detach(), p, state)
+
+    def weight_grid(self, w: Tensor, plan: LayerPlan, state: QuantState) -> Grid:
+        """The grid of one layer's weights; the protocol's uniform min/max grid by default."""
+        proto = state.protocol
+        return weight_grid(w, plan.w_bits, proto.w_granularity == "per_channel", proto.w_symmetric)
+
+    def round(self, state: QuantState) -> None:
+        for p in state.plans:
+            if p.name in state.grids:
+                state.levels[p.name] = self.round_weights(p.module.weight.detach(), state.grids[p.name], p, state)
+
+    def round_weights(self, w: Tensor, grid: Grid, plan: LayerPlan | None, state: QuantState | None = None) -> Tensor:
         """Integer levels of ``w`` on ``grid``; the base class rounds to nearest."""
         return grid.levels(w)
 
-    def after_weights(self, qmodel: nn.Module, plans: list[LayerPlan], ctx: QuantContext) -> None:
-        """Hook after weights are quantized (e.g. bias correction)."""
+    def weights(self, state: QuantState) -> None:
+        """Baked: each planned layer's weight becomes ``grid.dequant(levels)`` inside a ``QuantLayer``.
+        ``ste``: the weight stays a float parameter, fake-quantized on its grid in every forward with a
+        straight-through gradient (``learn.SteWeight``), so fine-tuning keeps it on the grid."""
+        bake_weights(state.model, state.plans, state.grids, state.levels)
+        if self.weight_quantizer == "ste":
+            for name, grid in state.grids.items():
+                layer = state.model.get_submodule(name).layer
+                torch.nn.utils.parametrize.register_parametrization(layer, "weight", SteWeight(grid))
 
-    def calibrate(self, qmodel: nn.Module, plans: list[LayerPlan], rule: str, model: nn.Module,
-                  ctx: QuantContext) -> dict:
-        """Activation ranges (the last step); returns counts for the row. ``model`` is the float
-        model whose BN statistics the ``bn`` rule reads (DFQ passes its rescaled ones instead)."""
-        return calibrate_activations(qmodel, plans, rule, ctx.protocol, ctx.calib, float_model=model)
+    def correct(self, state: QuantState) -> None:
+        """Corrections after the weights are quantized (e.g. bias correction)."""
+
+    def calibrate(self, state: QuantState) -> None:
+        """Activation quantizers and their ranges (returns nothing; counts go into the row)."""
+        ctx = state.ctx
+        rule = self.act_range(ctx)
+        state.info["act_range"] = rule if ctx.abits is not None else None
+        if ctx.abits is None:
+            return
+        state.info.update(calibrate_activations(
+            state.model, state.plans, rule, ctx.protocol, state.batches(), float_model=state.float_model,
+            bn_sources=self.bn_sources(state), rule_options=self.rule_options(rule, state)))
+
+    def rule_options(self, rule: str, state: QuantState) -> dict:
+        """Keyword options for the range rule's constructor (SQuant passes its k table)."""
+        return {}
+
+    def bn_sources(self, state: QuantState) -> dict | None:
+        """The ``bn`` rule's BN statistics per layer; None: read from the float model (DFQ passes the
+        statistics as its equalization rescaled them)."""
+        return None
+
+    def train(self, state: QuantState) -> None:
+        """Optional optimisation of the quantized model (block reconstruction, fine-tuning)."""
+
+
+def copy_frozen(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters do not require gradients (a student built from a teacher)."""
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+__all__ = ["STAGES", "CalibSource", "Method", "QuantContext", "QuantState", "QuantLayer", "copy_frozen"]

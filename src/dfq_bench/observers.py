@@ -82,6 +82,7 @@ def calibrate_activations(
     batches: list[Tensor] | None,
     float_model: nn.Module | None = None,
     bn_sources: dict | None = None,
+    rule_options: dict | None = None,
 ) -> dict:
     """Puts an ``ActQuant`` in front of every layer the plan gives input bits, and sets its range.
 
@@ -92,6 +93,7 @@ def calibrate_activations(
         bn_sources: ``{layer name: (BN-like object with .weight/.bias, activation kind)}`` for the
             ``bn`` rule, used instead of tracing ``float_model`` (DFQ passes the BN statistics as
             its equalization and bias absorption rescaled them).
+        rule_options: keyword options for the rule's constructor (e.g. SQuant's k table).
 
     Returns:
         Counts for the result row: quantizers set by BN statistics and by data.
@@ -114,7 +116,7 @@ def calibrate_activations(
             aq.set_range(*bn_range(*bn_src[p.name]))
             n_bn += 1
         else:
-            aq.rule, aq.state = rule_cls(p.a_bits, protocol), "observe"
+            aq.rule, aq.state = rule_cls(p.a_bits, protocol, **(rule_options or {})), "observe"
             observing.append(aq)
     if observing:
         if not batches:

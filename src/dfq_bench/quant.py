@@ -1,5 +1,6 @@
 """Quantization primitives shared by every method: uniform affine grids, weight fake-quantization,
-activation fake-quant modules, BN folding, and the per-layer bit plan that applies the protocol.
+activation fake-quant modules, BN folding, and the planners (per-layer bits; the protocol's rules by
+default). The stages that compose them are in ``method.py``.
 
 Conventions (those of SQuant, ZeroQ and GENIE, see shared/docs/methods.md):
 - A grid maps x to the integer level q = clamp(round(x / scale) + zero_point, qmin, qmax) and back to
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dfq_bench.graph import BATCHNORM, CONV_LINEAR, TraceError, conv_bn_pairs, module_conv_bn_pairs, split_norm_act
+from dfq_bench.registry import Registry
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -306,23 +308,37 @@ def plan_layers(model: nn.Module, example_input: Tensor, protocol, wbits: int, a
     return plans
 
 
-def quantize_weights(model: nn.Module, plans: list[LayerPlan], protocol, round_fn=None) -> None:
-    """Replaces each planned layer's weight by its fake-quantized value, in place, and wraps the
-    layer in a ``QuantLayer`` (no input quantizer yet).
+PLANNERS = Registry("planner")
+PLANNERS.register("protocol", plan_layers)
+"""A planner maps (model, example_input, protocol, wbits, abits) to the ``LayerPlan`` of every
+Conv/Linear; ``protocol`` (``plan_layers``) applies the run's bits with the protocol's first/last-layer
+rules. Per-layer bits (mixed precision) are another planner registered here."""
 
-    Args:
-        round_fn: ``(weight, grid, plan) -> integer levels``; default round-to-nearest.
-    """
-    per_channel = protocol.w_granularity == "per_channel"
+
+def bake_weights(model: nn.Module, plans: list[LayerPlan], grids: dict, levels: dict) -> None:
+    """Replaces each planned layer's weight by ``grids[name].dequant(levels[name])``, in place, and
+    wraps every planned layer in a ``QuantLayer`` (no input quantizer yet; layers without a grid
+    keep float weights)."""
     for p in plans:
-        grid = None
+        grid = grids.get(p.name)
+        if grid is not None:
+            with torch.no_grad():
+                p.module.weight.copy_(grid.dequant(levels[p.name]))
+        _set_submodule(model, p.name, QuantLayer(p.module, None, grid, p.w_bits))
+
+
+def quantize_weights(model: nn.Module, plans: list[LayerPlan], protocol, round_fn=None) -> None:
+    """The protocol's grid and ``round_fn`` (``(weight, grid, plan) -> integer levels``; default
+    round-to-nearest) for every planned layer, then ``bake_weights``: the grid, round and weights
+    stages of ``method.Method`` in one call."""
+    per_channel = protocol.w_granularity == "per_channel"
+    grids, levels = {}, {}
+    for p in plans:
         if p.w_bits is not None:
             w = p.module.weight.detach()
-            grid = weight_grid(w, p.w_bits, per_channel, protocol.w_symmetric)
-            levels = grid.levels(w) if round_fn is None else round_fn(w, grid, p)
-            with torch.no_grad():
-                p.module.weight.copy_(grid.dequant(levels))
-        _set_submodule(model, p.name, QuantLayer(p.module, None, grid, p.w_bits))
+            grids[p.name] = grid = weight_grid(w, p.w_bits, per_channel, protocol.w_symmetric)
+            levels[p.name] = grid.levels(w) if round_fn is None else round_fn(w, grid, p)
+    bake_weights(model, plans, grids, levels)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
