@@ -61,9 +61,10 @@ from enum import Enum
 from types import SimpleNamespace
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 from torch import Tensor, nn
 
+from dfq_bench.config import ConfigError
 from dfq_bench.graph import (
     Link,
     TraceError,
@@ -345,15 +346,16 @@ class DFQ(Method):
         absorb_n_std: float = 3.0
         bias_correction: bool = True
 
-    def __init__(self, cfg=None):
-        super().__init__(cfg if cfg is not None else OmegaConf.structured(self.Config(name="dfq")))
-        c = self.cfg
+    @staticmethod
+    def check_config(c) -> None:
+        """Values the types cannot express; one-line ``ConfigError`` (checked before any model is built)."""
         if not c.cle_tol > 0:
-            raise ValueError(f"method.cle_tol={c.cle_tol!r} is invalid; valid: a positive float")
+            raise ConfigError(f"method.cle_tol={c.cle_tol!r} is invalid; valid: a positive float")
         if c.cle_max_iter < 1:
-            raise ValueError(f"method.cle_max_iter={c.cle_max_iter!r} is invalid; valid: an integer >= 1")
+            raise ConfigError(f"method.cle_max_iter={c.cle_max_iter!r} is invalid; valid: an integer >= 1")
         if not c.absorb_n_std >= 0:
-            raise ValueError(f"method.absorb_n_std={c.absorb_n_std!r} is invalid; valid: a float >= 0")
+            raise ConfigError(f"method.absorb_n_std={c.absorb_n_std!r} is invalid; valid: a float >= 0")
+
 
     def needs_graph(self, ctx: QuantContext) -> bool:
         c = self.cfg

@@ -46,6 +46,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from dfq_bench.config import ConfigError
 from dfq_bench.learn import LsqActQuant, SoftRoundWeight, to_act_quant, weight_grid_lp
 from dfq_bench.method import Method, QuantState, copy_frozen
 from dfq_bench.quant import Grid, LayerPlan, QuantLayer, _set_submodule, quant_layers
@@ -241,15 +242,23 @@ class Genie(Method):
         second_abits: int | None = None  # 8: the reference's 8-bit input of the second layer
         blocks: list[str] = field(default_factory=lambda: list(BLOCK_TYPES))
 
+    @staticmethod
+    def check_config(c) -> None:
+        """Values the types cannot express; one-line ``ConfigError`` (checked before any model is built)."""
+        for key, ok, valid in (("steps", c.steps >= 0, "an integer >= 0"),
+                               ("batch_size", c.batch_size >= 1, "an integer >= 1"),
+                               ("drop_p", 0.0 <= c.drop_p <= 1.0, "a probability in [0, 1]"),
+                               ("init_samples", c.init_samples >= 1, "an integer >= 1"),
+                               ("warmup", 0.0 <= c.warmup <= 1.0, "a fraction in [0, 1]"),
+                               ("p_norm", c.p_norm > 0, "a number > 0")):
+            if not ok:
+                raise ConfigError(f"method.{key}={getattr(c, key)!r} is invalid; valid: {valid}")
+
     def prepare(self, state: QuantState) -> None:
         """Checks the keys and the data, then keeps the prepared float model as the teacher whose
         block outputs are the targets; the student is a frozen copy of it."""
-        cfg = self.cfg
         if not state.ctx.calib:
             raise ValueError("genie needs calibration batches (data=genie|zeroq|noise|real)")
-        if cfg.steps < 0 or cfg.batch_size < 1 or not 0.0 <= cfg.drop_p <= 1.0:
-            raise ValueError(f"method.steps={cfg.steps}, batch_size={cfg.batch_size}, drop_p={cfg.drop_p}: "
-                             "valid: steps >= 0, batch_size >= 1, 0 <= drop_p <= 1")
         super().prepare(state)
         state.teacher, state.model = state.model, copy_frozen(state.model)
 

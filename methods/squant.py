@@ -366,9 +366,8 @@ class Squant(Method):
             raise ConfigError(f"method.k_other={cfg.k_other!r} is invalid; valid: a number > 0 or null")
 
     def __init__(self, cfg=None):
-        super().__init__(cfg)
-        cfg = cfg if cfg is not None else self.Config()
-        self.check_config(cfg)
+        super().__init__(cfg)  # checks it (check_config)
+        cfg = self.cfg
         self.mode = cfg.mode
         self.kernel, self.channel = MODES[cfg.mode]
         self.k_table = KTable({str(b): float(v) for b, v in cfg.k.items()}, cfg.k_other)

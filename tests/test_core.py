@@ -343,3 +343,14 @@ def test_torchvision_model_without_zoo_entry_every_method_w8a8(regnet, method, c
     agree = float((fp.argmax(1) == q.argmax(1)).float().mean())
     kl = float(nn.functional.kl_div(q.log_softmax(1), fp.log_softmax(1), log_target=True, reduction="batchmean"))
     assert agree >= 0.85 and kl < 0.02, (method, agree, kl)
+
+
+def test_every_method_builds_from_its_defaults_without_a_config():
+    from methods.dfq import DFQ
+    from methods.genie import Genie
+    from methods.rtn import RTN
+    from methods.squant import Squant
+
+    assert Genie().cfg.steps == 20000 and DFQ().cfg.cle and Squant().cfg.mode == "squant" and RTN().cfg.name == "rtn"
+    with pytest.raises(ValueError, match=r"^method.drop_p=1.5 is invalid"):
+        Genie(Genie.Config(name="genie", drop_p=1.5))

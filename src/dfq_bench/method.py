@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from torch import Tensor, nn
 
 from dfq_bench.config import UnsupportedError
@@ -107,7 +107,10 @@ class Method:
         name: str = MISSING
 
     def __init__(self, cfg: Any = None):
-        self.cfg = cfg
+        """``cfg``: the method's ``Config`` (a DictConfig from the runner); None: its defaults."""
+        self.cfg = cfg if cfg is not None else OmegaConf.structured(self.Config(name=self.name))
+        if hasattr(self, "check_config"):
+            self.check_config(self.cfg)
 
     # ---- what the runner asks before any work ---------------------------------------------------
 
