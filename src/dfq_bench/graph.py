@@ -216,24 +216,11 @@ def _own(model: nn.Module, name: str, fallback: nn.Module) -> nn.Module:
 
 def bn_producers(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
     """For each Conv/Linear whose input comes from a BN (through an optional ReLU/ReLU6 and
-    range-preserving ops such as pooling), maps its name to (that BN, activation kind)."""
+    range-preserving ops such as pooling), maps its name to (that BN, activation kind): the
+    ``input_sources(model, "range")`` walk, kept where it ends at a plain BN."""
     gm = trace(model)
-    found = {}
-    for node in gm.graph.nodes:
-        if not isinstance(_module(gm, node), CONV_LINEAR):
-            continue
-        src, act = node.args[0], None
-        while isinstance(src, fx.Node):
-            kind = activation_kind(gm, src)
-            if kind is not None and act is None:
-                act = kind
-            elif not _passes_range(gm, src):
-                break
-            src = src.args[0]
-        bn = _module(gm, src) if isinstance(src, fx.Node) else None
-        if is_plain_bn(bn):
-            found[node.target] = (_own(model, src.target, bn), act)
-    return found
+    return {layer: (_own(model, s.name, gm.get_submodule(s.name)), s.act)
+            for layer, s in _walk(gm, "range") if is_plain_bn(gm.get_submodule(s.name))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,12 +356,16 @@ class Source:
 
 def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
     """For each Conv/Linear, the module that produces its input, walking back through at most one
-    ReLU/ReLU6 and ops that keep the per-tensor value range (``keep="range"``: the same walk as
+    ReLU/ReLU6 and ops that keep the per-tensor value range (``keep="range"``: the walk of
     ``bn_producers``: pooling, flatten, dropout, ...) or each channel's mean (``keep="mean"``: no
     max pooling, no reshape other than flatten). Layers whose walk ends at a non-module node
     (the network input, an add, a concatenation) are absent."""
-    gm = trace(model)
-    found = {}
+    return dict(_walk(trace(model), keep))
+
+
+def _walk(gm: fx.GraphModule, keep: str):
+    """(layer name, ``Source``) per Conv/Linear call whose walk ends at a module, in graph order
+    (a layer called at several sites comes once per site: in a dict, the last one wins)."""
     for node in gm.graph.nodes:
         if not isinstance(_module(gm, node), CONV_LINEAR):
             continue
@@ -392,8 +383,7 @@ def input_sources(model: nn.Module, keep: str = "range") -> dict[str, Source]:
             ops.append(kind or op_kind(gm, src) or "pass")
             src = src.args[0]
         if isinstance(src, fx.Node) and src.op == "call_module":
-            found[node.target] = Source(src.target, act, tuple(reversed(ops)), site)
-    return found
+            yield node.target, Source(src.target, act, tuple(reversed(ops)), site)
 
 
 def _site_key(node: fx.Node) -> str:

@@ -16,14 +16,14 @@ Deviations and choices: every random draw (latent, generator init, swing offsets
 seeded ``torch.Generator``, so a seed gives identical data (the reference uses numpy's global RNG
 for swing offsets and sets no seed); the generator's first feature map is ceil(H/4) x ceil(W/4) and
 its second upsample goes to exactly H x W (the reference assumes H divisible by 4; identical then);
-image channels follow the model's input (the reference has 3).
+image channels follow the model's input (the reference has 3). The batching, seeding, cache and
+hooks are the BN-statistics base's (synth_bn.py): the teacher is a split copy of the model.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +31,8 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
 
-from dfq_bench.graph import BATCHNORM
-from dfq_bench.synth_cache import cached_generate
-from dfq_bench.synth_zeroq import InputStats, require_bn
+from dfq_bench.synth_bn import BNStatsData, optimize
 
-log = logging.getLogger(__name__)
 BN_STD_EPS = 1e-6  # the reference's eps for sqrt(running_var + eps)
 
 
@@ -96,51 +93,11 @@ def genie_loss(x: Tensor, bns: list[nn.Module], bn_inputs: list[Tensor]) -> Tens
     return loss
 
 
-@torch.enable_grad()
-def distill_batch(model: nn.Module, bns: list[nn.Module], n: int, input_size, cfg,
-                  g: torch.Generator, device, names: list[str] | None = None) -> tuple[Tensor, float, float]:
-    """One batch of GENIE-D; returns (images, first loss, last loss)."""
-    with torch.random.fork_rng(devices=[]):  # generator init from our seed, global RNG untouched
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        gen = Generator(input_size, cfg.latent_dim, cfg.gen_channels, cfg.gen_channels // 2).to(device)
-    z = torch.randn((n, cfg.latent_dim), generator=g).to(device).requires_grad_(True)
-    opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)
-    sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=cfg.patience, min_lr=cfg.min_lr)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.generator_decay)
-    params = [z, *gen.parameters()]
-    hooks = InputStats(bns, names)
-    first = last = float("nan")
-    try:
-        with swing_convs(model, g) if cfg.swing else _nothing():
-            for step in range(cfg.steps):
-                x = gen(z)
-                model(x)
-                loss = genie_loss(x, bns, hooks.inputs)
-                hooks.check_finite(loss, f"genie step {step}")
-                grads = torch.autograd.grad(loss, params)  # the teacher accumulates no gradient
-                for p, gr in zip(params, grads, strict=True):
-                    p.grad = gr
-                opt_z.step()
-                opt_g.step()
-                sched_z.step(float(loss.detach()))
-                if (step + 1) % cfg.decay_every == 0:
-                    sched_g.step()
-                if step == 0:
-                    first = float(loss.detach())
-                last = float(loss.detach())
-    finally:
-        hooks.remove()
-    return x.detach(), first, last
-
-
-@contextmanager
-def _nothing():
-    yield 0
-
-
-class GenieData:
+class GenieData(BNStatsData):
     """GENIE-D synthetic images (see the module docstring)."""
+
+    source = "genie"
+    min_batch = 2  # batch statistics need two images
 
     @dataclass
     class Config:
@@ -162,40 +119,24 @@ class GenieData:
         cache_dir: str | None = None  # null: $DFQ_BENCH_CACHE or ~/.cache/dfq_bench
 
     @staticmethod
-    def check_model(model: nn.Module, label: str | None = None) -> None:
-        require_bn(model, "genie", label)
+    def distill_batch(cfg, model, hooks, n, input_size, g, device) -> tuple[Tensor, float, float]:
+        """One batch of GENIE-D: a fresh generator and latent; returns the images of the last step."""
+        with torch.random.fork_rng(devices=[]):  # generator init from our seed, global RNG untouched
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            gen = Generator(input_size, cfg.latent_dim, cfg.gen_channels, cfg.gen_channels // 2).to(device)
+        z = torch.randn((n, cfg.latent_dim), generator=g).to(device).requires_grad_(True)
+        opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)
+        sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=cfg.patience, min_lr=cfg.min_lr)
+        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
+        sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=cfg.generator_decay)
 
-    @staticmethod
-    def generate(cfg, model: nn.Module, input_size, seed: int, device: str, dataset=None) -> list[Tensor]:
-        if cfg.num_samples < 2 or cfg.batch_size < 2 or cfg.steps < 1:
-            raise ValueError("data.num_samples and data.batch_size must be >= 2 (batch statistics), "
-                             "data.steps >= 1")
-        return cached_generate(cfg, model, input_size, seed, device,
-                               lambda: GenieData.make(cfg, model, input_size, seed))
+        def update(step: int, loss: float) -> None:
+            opt_z.step()
+            opt_g.step()
+            sched_z.step(loss)
+            if (step + 1) % cfg.decay_every == 0:
+                sched_g.step()
 
-    @staticmethod
-    def make(cfg, model: nn.Module, input_size, seed: int) -> tuple[list[Tensor], dict]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        named = [(n, m) for n, m in model.named_modules() if isinstance(m, BATCHNORM)]
-        bns, names = [m for _, m in named], [n for n, _ in named]
-        if not bns:
-            raise ValueError(f"{type(model).__name__} has no BatchNorm layer: GENIE-D data cannot be made")
-        g = torch.Generator().manual_seed(seed)
-        batches, firsts, lasts = [], [], []
-        try:
-            done = 0
-            while done < cfg.num_samples:
-                n = min(cfg.batch_size, cfg.num_samples - done)
-                n = n if n >= 2 else 2  # BN statistics need two images
-                x, first, last = distill_batch(model, bns, n, input_size, cfg, g, device, names)
-                batches.append(x)
-                firsts.append(first)
-                lasts.append(last)
-                log.info("genie batch %d: loss %.4g -> %.4g", len(batches), first, last)
-                done += n
-        finally:
-            model.train(was_training)
-        return batches, {"loss_start": sum(firsts) / len(firsts), "loss_end": sum(lasts) / len(lasts),
-                         "n_bn_terms": len(bns)}
+        with swing_convs(model, g) if cfg.swing else nullcontext():
+            return optimize(model, hooks, cfg.steps, "genie", lambda: gen(z), genie_loss, [z, *gen.parameters()],
+                            update)
