@@ -39,13 +39,14 @@ that is not calibrated, weights that are not on their grid.
 The graph is built with the ``onnx`` helper API from a torch.fx trace of the model (QuantLayer and
 Conv/Linear/BN kept as leaves), not with torch.onnx.export: the QDQ nodes and initializers are
 written directly from the QuantLayer buffers, so nothing in between can re-round or re-type them.
-Supported float ops: BN, ReLU, ReLU6/Hardtanh, Sigmoid, SiLU, Hardswish, Hardsigmoid, Tanh, add,
-sub, mul, div, cat, max/avg pooling, adaptive average pooling, flatten, view/reshape, mean,
-identity/dropout; anything else fails with the op's name.
+Supported float ops (``_GraphBuilder.EMITTERS``, one entry per op): BN, ReLU, ReLU6/Hardtanh,
+Sigmoid, SiLU, Hardswish, Hardsigmoid, Tanh, add, sub, mul, div, cat, max/avg pooling, adaptive
+average pooling, flatten, view/reshape, mean, identity/dropout; anything else fails with the op's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import operator
@@ -200,18 +201,22 @@ def _conv_attrs(conv: nn.Module) -> dict:
     if conv.padding_mode != "zeros":
         raise ExportError(f"cannot export a conv with padding_mode={conv.padding_mode!r}; valid: 'zeros'")
     nd = conv.weight.dim() - 2
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            pads = [0] * nd
-        else:  # 'same' (stride 1): total padding d*(k-1), the extra one at the end as torch does
-            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-            return {"kernel_shape": list(conv.kernel_size), "strides": _pair(conv.stride, nd),
-                    "dilations": _pair(conv.dilation, nd), "group": conv.groups,
-                    "pads": [t // 2 for t in total] + [t - t // 2 for t in total]}
+    if conv.padding == "same":  # stride 1: total padding d*(k-1), the extra one at the end as torch does
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        pads = [t // 2 for t in total] + [t - t // 2 for t in total]
     else:
-        pads = _pair(conv.padding, nd)
+        pads = 2 * ([0] * nd if conv.padding == "valid" else _pair(conv.padding, nd))
     return {"kernel_shape": list(conv.kernel_size), "strides": _pair(conv.stride, nd),
-            "dilations": _pair(conv.dilation, nd), "group": conv.groups, "pads": pads + pads}
+            "dilations": _pair(conv.dilation, nd), "group": conv.groups, "pads": pads}
+
+
+def _unary(op_type: str, **attrs):  # the emitter of a one-input op without weights
+    return lambda self, node, m, ins, base: self.op(op_type, ins[:1], base, **attrs)
+
+
+_BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", "add": "Add",
+           operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.mul: "Mul", torch.mul: "Mul",
+           "mul": "Mul", operator.truediv: "Div", torch.div: "Div", "div": "Div"}
 
 
 class _GraphBuilder:
@@ -421,64 +426,37 @@ class _GraphBuilder:
         return self.op("Mul", [y, self.const(f"{name}.out_scale", scale.reshape(bshape) if scale.ndim
                                              else scale)], f"{name}.out")
 
-    # -- everything else
+    # -- everything else: one emitter per op, found in EMITTERS (below)
     def float_op(self, node: fx.Node) -> str:
         m = _module(self.gm, node)
         first = node.args[0] if node.args else None
         ins = [self._input(first, node)] if isinstance(first, fx.Node) else []
         base = node.target if node.op == "call_module" else node.name
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            return self.float_layer(node, m, ins[0])
-        if isinstance(m, BATCHNORM):
-            arrs = [m.weight if m.affine else torch.ones_like(m.running_mean),
-                    m.bias if m.affine else torch.zeros_like(m.running_mean), m.running_mean, m.running_var]
-            consts = [self.const(f"{base}.{k}", a.detach().cpu().numpy().astype(np.float32))
-                      for k, a in zip(("scale", "bias", "mean", "var"), arrs, strict=True)]
-            return self.op("BatchNormalization", [ins[0], *consts], base, epsilon=float(m.eps))
-        kind = activation_kind(self.gm, node)
-        if kind == "relu":
-            return self.op("Relu", ins[:1], base)
-        if kind == "relu6" or isinstance(m, nn.Hardtanh):
-            lo, hi = (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) else (0.0, 6.0)
-            return self.op("Clip", [ins[0], self.const(f"{base}.min", np.float32(lo)),
-                                    self.const(f"{base}.max", np.float32(hi))], base)
-        simple = {nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh", torch.sigmoid: "Sigmoid", torch.tanh: "Tanh",
-                  nn.Hardswish: "HardSwish", F.hardswish: "HardSwish"}
-        key = type(m) if m is not None else node.target
-        if key in simple:
-            return self.op(simple[key], ins[:1], base)
-        if key in (nn.SiLU, F.silu):
-            return self.op("Mul", [ins[0], self.op("Sigmoid", ins[:1], f"{base}.sigmoid")], base)
-        if key in (nn.Hardsigmoid, F.hardsigmoid):
-            return self.op("HardSigmoid", ins[:1], base, alpha=1.0 / 6.0, beta=0.5)
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or key in (F.max_pool2d, F.avg_pool2d):
-            return self.pool(node, m, ins[0], base)
-        if isinstance(m, nn.AdaptiveAvgPool2d) or key is F.adaptive_avg_pool2d:
-            size = m.output_size if m is not None else _arg(node, 1, "output_size")
-            return self.adaptive_pool(node, size, ins[0], base)
-        if isinstance(m, nn.Flatten) or key is torch.flatten or (node.op == "call_method" and node.target in
-                                                                   ("flatten", "view", "reshape")):
-            return self.reshape(node, ins[0], base)
-        if key in (operator.add, torch.add, operator.iadd, operator.sub, torch.sub, operator.mul,
-                   torch.mul, operator.truediv, torch.div) or (node.op == "call_method" and
-                                                               node.target in ("add", "sub", "mul", "div")):
-            return self.binary(node, base)
-        if key is torch.cat:
-            tensors = node.args[0]
-            return self.op("Concat", [self._input(t, node) for t in tensors], base,
-                           axis=int(_arg(node, 1, "dim", 0)))
-        if (node.op == "call_method" and node.target == "mean") or key is torch.mean:
-            dims = _arg(node, 1, "dim")
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            return self.op("ReduceMean", ins[:1], base, axes=dims, keepdims=int(bool(_arg(node, 2, "keepdim",
-                                                                                          False))))
-        what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
-        raise ExportError(f"cannot export op {what!r} (node {node.name}) to ONNX: not supported by dfq_bench.deploy")
+        keys = type(m).__mro__ if m is not None else (node.target,)  # a module: its class, then its bases
+        emit = next((self.EMITTERS[k] for k in keys if k in self.EMITTERS), None)
+        if emit is None:
+            what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
+            raise ExportError(f"cannot export op {what!r} (node {node.name}) to ONNX: "
+                              "not supported by dfq_bench.deploy")
+        return emit(self, node, m, ins, base)
 
     def _input(self, a, user: fx.Node) -> str:
         if a not in self.value:
             raise ExportError(f"node {user.name} reads {a.name}, whose float value the export dropped")
         return self.value[a]
+
+    # each emitter: (node, its module or None, [value of its first input] or [], base name) -> output value
+    def batch_norm(self, node, m, ins, base) -> str:
+        arrs = [m.weight if m.affine else torch.ones_like(m.running_mean),
+                m.bias if m.affine else torch.zeros_like(m.running_mean), m.running_mean, m.running_var]
+        consts = [self.const(f"{base}.{k}", a.detach().cpu().numpy().astype(np.float32))
+                  for k, a in zip(("scale", "bias", "mean", "var"), arrs, strict=True)]
+        return self.op("BatchNormalization", [ins[0], *consts], base, epsilon=float(m.eps))
+
+    def clip(self, node, m, ins, base) -> str:
+        lo, hi = (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) else (0.0, 6.0)
+        return self.op("Clip", [ins[0], self.const(f"{base}.min", np.float32(lo)),
+                                self.const(f"{base}.max", np.float32(hi))], base)
 
     def pool(self, node, m, x, base) -> str:
         get = (lambda k, i, d=None: getattr(m, k)) if m is not None else \
@@ -498,35 +476,62 @@ class _GraphBuilder:
                      count_include_pad=int(get("count_include_pad", 5, True)))
         return self.op("AveragePool", [x], base, **attrs)
 
-    def adaptive_pool(self, node, size, x, base) -> str:
-        size = _pair(size, 2)
+    def adaptive_pool(self, node, m, ins, base) -> str:
+        size = _pair(m.output_size if m is not None else _arg(node, 1, "output_size"), 2)
         if size == [1, 1]:
-            return self.op("GlobalAveragePool", [x], base)
+            return self.op("GlobalAveragePool", ins[:1], base)
         hw = list(node.args[0].meta["tensor_meta"].shape[2:])
         if all(s is not None and h % s == 0 for h, s in zip(hw, size, strict=True)):
             k = [h // s for h, s in zip(hw, size, strict=True)]
-            return self.op("AveragePool", [x], base, kernel_shape=k, strides=k)
+            return self.op("AveragePool", ins[:1], base, kernel_shape=k, strides=k)
         raise ExportError(f"cannot export adaptive average pooling {hw} -> {size} ({base}): not a whole window")
 
-    def reshape(self, node, x, base) -> str:
+    def reshape(self, node, m, ins, base) -> str:
         shape_in = node.args[0].meta["tensor_meta"].shape
         shape_out = node.meta["tensor_meta"].shape
         if len(shape_out) == 2 and shape_out[0] == shape_in[0]:
-            return self.op("Flatten", [x], base, axis=1)
+            return self.op("Flatten", ins[:1], base, axis=1)
         if shape_out[0] != shape_in[0]:
             raise ExportError(f"cannot export reshape {tuple(shape_in)} -> {tuple(shape_out)} ({base}): "
                               "it mixes the batch")
-        return self.op("Reshape", [x, self.const(f"{base}.shape", np.array([0, *shape_out[1:]], np.int64))], base)
+        return self.op("Reshape", [ins[0], self.const(f"{base}.shape", np.array([0, *shape_out[1:]], np.int64))],
+                       base)
 
-    def binary(self, node, base) -> str:
-        ops = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", "add": "Add",
-               operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.mul: "Mul", torch.mul: "Mul",
-               "mul": "Mul", operator.truediv: "Div", torch.div: "Div", "div": "Div"}
+    def binary(self, node, m, ins, base) -> str:
         if node.kwargs.get("alpha", 1) != 1:
             raise ExportError(f"cannot export add/sub with alpha ({base})")
-        ins = [self._input(a, node) if isinstance(a, fx.Node) else self.const(f"{base}.c", np.float32(a))
-               for a in node.args[:2]]
-        return self.op(ops[node.target], ins, base)
+        inputs = [self._input(a, node) if isinstance(a, fx.Node) else self.const(f"{base}.c", np.float32(a))
+                  for a in node.args[:2]]
+        return self.op(_BINARY[node.target], inputs, base)
+
+    def mean(self, node, m, ins, base) -> str:
+        dims = _arg(node, 1, "dim")
+        return self.op("ReduceMean", ins[:1], base, axes=[dims] if isinstance(dims, int) else list(dims),
+                       keepdims=int(bool(_arg(node, 2, "keepdim", False))))
+
+    # Op -> emitter: a module class (it also covers its subclasses; the first class of a module's MRO
+    # found here wins), a function (call_function target) or a method name (call_method target).
+    EMITTERS = {
+        **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+                        lambda self, node, m, ins, base: self.float_layer(node, m, ins[0])),
+        **dict.fromkeys(BATCHNORM, batch_norm),
+        **dict.fromkeys((nn.ReLU, F.relu, torch.relu, "relu"), _unary("Relu")),
+        **dict.fromkeys((nn.Hardtanh, F.relu6), clip),  # nn.ReLU6 is a Hardtanh
+        **dict.fromkeys((nn.Sigmoid, torch.sigmoid), _unary("Sigmoid")),
+        **dict.fromkeys((nn.Tanh, torch.tanh), _unary("Tanh")),
+        **dict.fromkeys((nn.Hardswish, F.hardswish), _unary("HardSwish")),
+        **dict.fromkeys((nn.Hardsigmoid, F.hardsigmoid), _unary("HardSigmoid", alpha=1.0 / 6.0, beta=0.5)),
+        **dict.fromkeys((nn.SiLU, F.silu), lambda self, node, m, ins, base: self.op(
+            "Mul", [ins[0], self.op("Sigmoid", ins[:1], f"{base}.sigmoid")], base)),
+        **dict.fromkeys((nn.MaxPool2d, nn.AvgPool2d, F.max_pool2d, F.avg_pool2d),
+                        lambda self, node, m, ins, base: self.pool(node, m, ins[0], base)),
+        **dict.fromkeys((nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d), adaptive_pool),
+        **dict.fromkeys((nn.Flatten, torch.flatten, "flatten", "view", "reshape"), reshape),
+        **dict.fromkeys(_BINARY, binary),
+        torch.cat: lambda self, node, m, ins, base: self.op(
+            "Concat", [self._input(t, node) for t in node.args[0]], base, axis=int(_arg(node, 1, "dim", 0))),
+        **dict.fromkeys((torch.mean, "mean"), mean),
+    }
 
     # -- the whole graph
     def build(self, input_name: str = "input", output_name: str = "logits"):
@@ -712,13 +717,11 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
     int32 as exported, ``with_int32_biases``: its top-1 and its agreement with the integer model),
     n_int_ops (integer operators in ORT's optimized graph), the export counts, and latencies.
     """
-    t_start = time.perf_counter()
-    tmp = None
-    if out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="dfq_deploy_")
-        out_dir = tmp.name
-    out_dir = Path(out_dir)
-    try:
+    from dfq_bench.runner import evaluate  # the runner's evaluation loop (imported here: it loads the registries)
+
+    t_start, keep = time.perf_counter(), out_dir is not None
+    with contextlib.nullcontext(out_dir) if keep else tempfile.TemporaryDirectory(prefix="dfq_deploy_") as d:
+        out_dir = Path(d)
         qmodel, fp_model = qmodel.cpu().eval(), fp_model.cpu().eval()
         exp = export(qmodel, example_input, out_dir / "model_int.onnx")
         export(fp_model, example_input, out_dir / "model_fp32.onnx")
@@ -727,24 +730,18 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
         s_int = session(exp.path, opt, threads)
         s_fp = session(out_dir / "model_fp32.onnx", threads=threads)
         ops = op_counts(opt)
-        sim32 = with_int32_biases(qmodel)
-        n = top1 = agree = agree32 = top1_32 = 0
-        max_diff = 0.0
-        first = None
-        for x, y in loader:
-            x = x.cpu().float()
-            first = x[:lat_batch] if first is None else first
-            logits_q = qmodel(x).float()
-            logits_i = run_session(s_int, x)
-            pred_i, pred_32 = logits_i.argmax(1), sim32(x).argmax(1)
-            top1 += int((pred_i == y.cpu()).sum())
-            top1_32 += int((pred_32 == y.cpu()).sum())
-            agree += int((pred_i == logits_q.argmax(1)).sum())
-            agree32 += int((pred_i == pred_32).sum())
-            max_diff = max(max_diff, float((logits_i - logits_q).abs().max()))
-            n += len(y)
-        if n == 0:
-            raise RuntimeError("the evaluation set is empty")
+        sim32, seen = with_int32_biases(qmodel), {"agree": 0, "max_diff": 0.0, "first": None}
+
+        def int_model(x: torch.Tensor) -> torch.Tensor:  # ORT, compared with the fake-quant model on the way
+            logits_i, logits_q = run_session(s_int, x), qmodel(x).float()
+            seen["first"] = x[:lat_batch] if seen["first"] is None else seen["first"]
+            seen["agree"] += int((logits_i.argmax(1) == logits_q.argmax(1)).sum())
+            seen["max_diff"] = max(seen["max_diff"], float((logits_i - logits_q).abs().max()))
+            return logits_i
+
+        # the runner's loop, the int32-bias simulation on its reference ("FP32") side: top1_fp32, agree_fp32
+        ev = evaluate(sim32, int_model, loader, "cpu", lambda batches, **_: batches)
+        first = seen["first"]
         lat = {
             "lat_fp32_torch_ms": median_ms(lambda: fp_model(first), repeats),
             "lat_fp32_ort_ms": median_ms(lambda: run_session(s_fp, first), repeats),
@@ -752,9 +749,10 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
         }
         return {
             "deploy": "onnxruntime",
-            "top1_int": 100.0 * top1 / n, "agree_int": 100.0 * agree / n, "max_logit_diff": max_diff,
+            "top1_int": ev["top1"], "agree_int": 100.0 * seen["agree"] / ev["n_eval"],
+            "max_logit_diff": seen["max_diff"],
             # the simulation with int32-rounded biases: where integer and fake-quant part because of them
-            "top1_sim_int32_bias": 100.0 * top1_32 / n, "agree_int_sim_int32_bias": 100.0 * agree32 / n,
+            "top1_sim_int32_bias": ev["top1_fp32"], "agree_int_sim_int32_bias": ev["agree_fp32"],
             "n_int_ops": sum(ops.get(k, 0) for k in INTEGER_OPS),
             "n_float_compute_ops": sum(ops.get(k, 0) for k in FLOAT_COMPUTE_OPS),
             "int_ops": {k: v for k, v in sorted(ops.items()) if k in INTEGER_OPS},
@@ -763,8 +761,5 @@ def deployed_check(fp_model: nn.Module, qmodel: nn.Module, loader, example_input
             **lat, "lat_batch": len(first), "lat_threads": threads,
             "speedup_int_vs_fp32_ort": lat["lat_fp32_ort_ms"] / lat["lat_int_ort_ms"],
             "t_deploy_s": time.perf_counter() - t_start,
-            "deploy_dir": None if tmp is not None else str(out_dir),
+            "deploy_dir": str(out_dir) if keep else None,
         }
-    finally:
-        if tmp is not None:
-            tmp.cleanup()

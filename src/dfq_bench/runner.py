@@ -78,6 +78,7 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
              fp32: FP32Outputs | None = None, record: list | None = None) -> dict:
     """Feeds each batch once to both models. Top-k in percent; agreement of the two top-1
     predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model.
+    A model may be any callable from images to logits (deploy.py passes an ONNX Runtime session).
 
     ``fp32``: cached FP32 logits of this loader (evalcache.py): the FP32 forward is skipped and
     its logits are read from the cache. ``record``: a list that receives (FP32 logits, labels) of
@@ -101,7 +102,8 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
         t_q += time.perf_counter() - t1
         for what, net, logits in (("quantized", q_model, logits_q), ("FP32", fp_model, logits_fp)):
             if not bool(torch.isfinite(logits).all()):
-                where = first_nonfinite(net, x) if net is not fp_model or fp32 is None else None
+                hookable = isinstance(net, nn.Module) and (net is not fp_model or fp32 is None)  # ran on x
+                where = first_nonfinite(net, x) if hookable else None
                 raise NonFiniteError(f"the {what} model's output holds NaN or Inf at evaluation image {n}"
                                      + (f"; first non-finite module: {where}" if where else ""))
         t_fp += t1 - t0
