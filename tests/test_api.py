@@ -1,12 +1,12 @@
 """The Python API without Hydra: a torchvision model with no zoo entry, every method."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from dfq_bench.methods.dfq import DFQ
+from helpers import SCRIPTS
 from torch import nn
 
 import dfq_bench
@@ -14,7 +14,7 @@ from dfq_bench.config import ConfigError
 from dfq_bench.models import IMAGENET_MEAN, IMAGENET_STD, BuiltModel, Preprocess, reestimate_bn
 from dfq_bench.quant import quant_layers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(SCRIPTS))
 from coverage_matrix import reference_w8a8  # noqa: E402
 
 

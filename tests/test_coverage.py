@@ -4,12 +4,11 @@ BatchNormAct2d with ReLU6, an untraceable timm model, and a torchvision ResNet. 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, SCRIPTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(SCRIPTS))
 
 from coverage_matrix import FE_KL, verdict  # noqa: E402
 

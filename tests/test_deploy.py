@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from dfq_bench.methods.rtn import RTN
-from omegaconf import OmegaConf
+from helpers import compose_cfg, quant_ctx
 from torch import nn
 
 from dfq_bench import deploy
-from dfq_bench.config import ConfigError, ProtocolConfig, validate_config
-from dfq_bench.method import QuantContext
+from dfq_bench.config import ConfigError, validate_config
 from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.quant import quant_layers
 
@@ -26,8 +25,7 @@ numpy_helper = onnx.numpy_helper
 def _quantize(wbits, abits, **proto):
     model = make_test_cnn(0)
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    cfg = OmegaConf.merge(OmegaConf.structured(ProtocolConfig), proto)
-    qmodel = RTN().quantize(model, QuantContext(wbits, abits, cfg, 0, "cpu", x[:2], calib=[x]))
+    qmodel = RTN().quantize(model, quant_ctx(wbits, abits, x[:2], calib=[x], **proto))
     return model, qmodel, x
 
 
@@ -182,8 +180,7 @@ def test_max_pooling_runs_on_the_levels_so_the_conv_before_it_fuses(tmp_path):
                           nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    cfg = OmegaConf.merge(OmegaConf.structured(ProtocolConfig), {"quantize_first_input": True})
-    qmodel = RTN().quantize(model, QuantContext(4, 4, cfg, 0, "cpu", x[:2], calib=[x]))
+    qmodel = RTN().quantize(model, quant_ctx(4, 4, x[:2], calib=[x], quantize_first_input=True))
     exp = deploy.export(qmodel, x[:2], tmp_path / "m.onnx")
     assert (exp.n_requantized, exp.n_conv_integer) == (2, 1)  # layer 6's output is average-pooled
     q_ort, _ = _ort_levels(exp, tmp_path, x)
@@ -246,24 +243,14 @@ def test_weights_moved_off_their_grid_fail(tmp_path):
         deploy.export(qmodel, x[:2], tmp_path / "m.onnx")
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from dfq_bench.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_path):
     from dfq_bench.runner import run, run_id
 
     base = ["model=test_cnn", "dataset=fake", "dataset.num_samples=64", "dataset.batch_size=32",
             f"results_dir={tmp_path}"]
-    cfg = _compose([*base, "wbits=4", "abits=4", "deploy=onnxruntime"])
+    cfg = compose_cfg([*base, "wbits=4", "abits=4", "deploy=onnxruntime"])
     validate_config(cfg)
-    assert run_id(cfg) != run_id(_compose([*base, "wbits=4", "abits=4"]))
+    assert run_id(cfg) != run_id(compose_cfg([*base, "wbits=4", "abits=4"]))
     row = run(cfg, run_dir=tmp_path / "run")
     assert row["status"] == "ok" and row["deploy"] == "onnxruntime"
     assert row["int_ops"] == {"ConvInteger": 2, "QGemm": 1, "QLinearConv": 2} and row["n_int_ops"] == 5
@@ -274,8 +261,8 @@ def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_pat
     assert row["lat_batch"] == 32 and row["lat_threads"] == torch.get_num_threads()
     assert min(row["lat_fp32_torch_ms"], row["lat_fp32_ort_ms"], row["lat_int_ort_ms"]) > 0
     assert (tmp_path / "run" / "deploy" / "model_int.optimized.onnx").is_file()
-    bad = _compose([*base, "wbits=16", "protocol.first_wbits=null", "protocol.last_wbits=null",
-                    "deploy=onnxruntime"])
+    bad = compose_cfg([*base, "wbits=16", "protocol.first_wbits=null", "protocol.last_wbits=null",
+                       "deploy=onnxruntime"])
     with pytest.raises(deploy.ExportError):
         run(bad)
     rows = [r for r in map(__import__("json").loads, (tmp_path / "runs.jsonl").read_text().splitlines())]
@@ -284,4 +271,4 @@ def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_pat
 
 def test_unknown_deploy_target_is_a_config_error():
     with pytest.raises(ConfigError, match="^deploy='tensorrt' is invalid; valid: onnxruntime or null$"):
-        validate_config(_compose(["deploy=tensorrt"]))
+        validate_config(compose_cfg(["deploy=tensorrt"]))

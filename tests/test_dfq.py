@@ -12,21 +12,16 @@ import torch.nn.functional as F
 import torchvision
 from dfq_bench.methods.dfq import DFQ, absorb_high_bias, clipped_gaussian_mean, equalize
 from dfq_bench.methods.rtn import RTN
+from helpers import quant_ctx, randomize_bn
 from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.quantization._equalize import cross_layer_equalization
 
-from dfq_bench.config import ProtocolConfig
 from dfq_bench.graph import equalization_links, input_sources, relu6_to_relu, trace
-from dfq_bench.method import QuantContext
 from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.quant import QuantLayer, fold_bn, quant_layers
 
 HAS_EFFNET = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
-
-
-def protocol(**kw):
-    return OmegaConf.merge(OmegaConf.structured(ProtocolConfig), kw)
 
 
 def dfq(**kw):
@@ -34,20 +29,7 @@ def dfq(**kw):
 
 
 def ctx_for(example, wbits=8, abits=None, calib=None, **proto):
-    return QuantContext(wbits, abits, protocol(**proto), 0, "cpu", example, calib=calib)
-
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
+    return quant_ctx(wbits, abits, example, calib, **proto)
 
 
 def rel_err(a, b):

@@ -5,10 +5,10 @@ import csv
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
 
 from dfq_bench import report
-from dfq_bench.config import CONF_DIR, register_configs, validate_config
+from dfq_bench.config import CONF_DIR, validate_config
 from dfq_bench.runner import run
 
 # SQuant (ICLR 2022) Tables 1-2, typed here from the paper's table independently of the YAML files:
@@ -22,12 +22,6 @@ PUBLISHED = {
     "inception_v3": (78.81, {"zeroq": (18.20, 74.94, 78.78), "gdfq": (70.39, 77.20, 78.62),
                              "squant": (73.26, 78.30, 78.79)}),
 }
-
-
-def compose_cfg(overrides, hydra_cfg=False):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 @pytest.mark.parametrize("model", sorted(PUBLISHED))

@@ -16,9 +16,8 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
 
-from dfq_bench.config import CONF_DIR, register_configs
 from dfq_bench.data import DatasetError
 from dfq_bench.data import fashion_mnist as fm
 from dfq_bench.models import BuiltModel, fmnist
@@ -34,12 +33,6 @@ needs_data = pytest.mark.skipif(DATA_DIR is None, reason="Fashion-MNIST not inst
 MANIFEST = json.loads((fmnist.WEIGHTS_DIR / fmnist.MANIFEST).read_text()) \
     if (fmnist.WEIGHTS_DIR / fmnist.MANIFEST).is_file() else {"models": {}}
 needs_weights = pytest.mark.skipif(set(MANIFEST["models"]) != set(ZOO), reason="zoo weights not trained yet")
-
-
-def compose_cfg(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def ref_idx(path: Path) -> np.ndarray:

@@ -1,17 +1,16 @@
 """Registries, config composition and validation, the runner's rows, and the CLI in a subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import cli, compose_cfg, rows_in
 from omegaconf import OmegaConf
 
-from dfq_bench.config import CONF_DIR, ConfigError, register_configs, validate_config
+from dfq_bench.config import CONF_DIR, ConfigError, validate_config
 from dfq_bench.registry import METHODS, Registry, UnknownNameError
 from dfq_bench.results import append_row, read_rows
 from dfq_bench.runner import run
@@ -40,12 +39,6 @@ def test_registry_register_get_list_duplicates_and_did_you_mean():
         reg.get("zzz")
 
 
-def _compose(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def all_group_options():
     for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         for f in sorted(group_dir.glob("*.yaml")):
@@ -57,7 +50,7 @@ def all_group_options():
 def test_every_config_composes_and_validates(group, option):
     prefix = "+" if group == "experiment" else ""
     extra = ["model.name=resnet18"] if (group, option) in (("model", "timm"), ("model", "torchvision")) else []
-    cfg = _compose([f"{prefix}{group}={option}", *extra])
+    cfg = compose_cfg([f"{prefix}{group}={option}", *extra])
     validate_config(cfg)
     if group != "experiment":
         assert cfg[group].name is not None
@@ -77,14 +70,14 @@ def test_every_config_composes_and_validates(group, option):
     ],
 )
 def test_invalid_values_fail_before_any_model_is_built(override, message):
-    cfg = _compose([override])
+    cfg = compose_cfg([override])
     with pytest.raises((ConfigError, UnknownNameError), match=message.replace("?", r"\?").replace("(", r"\(")):
         validate_config(cfg)
 
 
 def test_unknown_granularity_fails_at_compose_time(tmp_path):
     with pytest.raises(Exception, match="protocol.w_granularity=per_chanel") as e:
-        _compose(["protocol.w_granularity=per_chanel"])
+        compose_cfg(["protocol.w_granularity=per_chanel"])
     assert "expected one of [per_tensor, per_channel]" in str(e.value.__cause__)
     res = cli(["protocol.w_granularity=per_chanel"], tmp_path)
     assert res.returncode == 2 and res.stderr.strip() == (
@@ -94,7 +87,7 @@ def test_unknown_granularity_fails_at_compose_time(tmp_path):
 
 
 def test_runner_row_is_complete_and_dummy_is_exact(tmp_path):
-    cfg = _compose(["model=test_cnn", "dataset=fake", "method=dummy", f"results_dir={tmp_path}"])
+    cfg = compose_cfg(["model=test_cnn", "dataset=fake", "method=dummy", f"results_dir={tmp_path}"])
     row = run(cfg)
     assert ROW_FIELDS <= set(row)
     assert row["status"] == "ok" and row["error"] is None
@@ -108,19 +101,19 @@ def test_runner_row_is_complete_and_dummy_is_exact(tmp_path):
 def test_run_id_is_stable_and_ignores_results_dir(tmp_path):
     from dfq_bench.runner import run_id
 
-    a = run_id(_compose(["results_dir=a"]))
-    assert a == run_id(_compose(["results_dir=b"]))
-    assert a != run_id(_compose(["wbits=3"]))
+    a = run_id(compose_cfg(["results_dir=a"]))
+    assert a == run_id(compose_cfg(["results_dir=b"]))
+    assert a != run_id(compose_cfg(["wbits=3"]))
 
 
 def test_rtn_w8a8_on_test_cnn_agrees_with_fp32(tmp_path):
-    cfg = _compose(["model=test_cnn", "dataset=fake", "method=rtn", "wbits=8", "abits=8",
-                    f"results_dir={tmp_path}"])
+    cfg = compose_cfg(["model=test_cnn", "dataset=fake", "method=rtn", "wbits=8", "abits=8",
+                       f"results_dir={tmp_path}"])
     row = run(cfg)
     assert row["agree_fp32"] >= 95.0 and abs(row["delta_top1"]) <= 2.0
     assert row["n_bn_folded"] == 5 and row["act_range"] == "minmax" and row["n_act_quant"] == 5
-    cfg4 = _compose(["model=test_cnn", "dataset=fake", "method=rtn", "wbits=2", "abits=2",
-                     f"results_dir={tmp_path}"])
+    cfg4 = compose_cfg(["model=test_cnn", "dataset=fake", "method=rtn", "wbits=2", "abits=2",
+                        f"results_dir={tmp_path}"])
     assert run(cfg4)["kl_fp32"] > row["kl_fp32"]
 
 
@@ -149,16 +142,6 @@ def test_corrupt_line_is_reported_and_skipped(tmp_path):
 
 
 # --- the CLI in a subprocess, as a user runs it ------------------------------------------------
-
-
-def cli(args, cwd, env=None):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dfq_bench", *args], cwd=cwd, capture_output=True,
-                          text=True, env=full_env, timeout=300)
-
-
-def rows_in(path: Path):
-    return list(read_rows(path / "runs.jsonl")) if (path / "runs.jsonl").exists() else []
 
 
 def test_cli_smoke_appends_a_complete_row(tmp_path):
@@ -238,8 +221,8 @@ def test_entry_point_plugin_runs_and_failure_writes_failed_row(tmp_path, plugin_
 
 
 def test_composed_protocol_is_recorded_in_row(tmp_path):
-    cfg = _compose(["model=test_cnn", "dataset=fake", "method=rtn", "protocol.fold_bn=false",
-                    f"results_dir={tmp_path}"])
+    cfg = compose_cfg(["model=test_cnn", "dataset=fake", "method=rtn", "protocol.fold_bn=false",
+                       f"results_dir={tmp_path}"])
     row = run(cfg)
     assert row["protocol"] == OmegaConf.to_container(cfg.protocol, enum_to_str=True)
     assert row["protocol"]["fold_bn"] is False and row["n_bn_folded"] == 0

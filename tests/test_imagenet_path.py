@@ -17,10 +17,10 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
-from hydra import compose, initialize_config_dir
+from helpers import cli, compose_cfg
 from PIL import Image
 
-from dfq_bench.config import CONF_DIR, ConfigError, register_configs, validate_config
+from dfq_bench.config import ConfigError, validate_config
 from dfq_bench.data import DatasetError
 from dfq_bench.models.torchvision_timm import WeightsError
 from dfq_bench.registry import DATASETS, MODELS
@@ -30,12 +30,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSES = ("n01440764", "n01443537", "n01484850")  # sorted, like ImageNet's wnid folders
 FOOLBOX_IMAGENET_LABELS = [243, 559, 438, 990, 949, 853, 609, 609, 915, 455,
                            541, 630, 741, 471, 129, 99, 251, 22, 317, 305]
-
-
-def compose_cfg(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def write_tree(root: Path, split: str, per_class: int, seed: int) -> list[tuple[Path, int]]:
@@ -289,11 +283,6 @@ def test_dataset_errors_are_one_line(tree, r18_file, tmp_path):
     cfg = compose_cfg(["dataset=imagenet", f"dataset.root={root}"]).dataset
     with pytest.raises(DatasetError, match="^dataset 'imagenet' has 3 classes but the model outputs 1000;"):
         DATASETS.get("imagenet")(cfg, built1000)
-
-
-def cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "dfq_bench", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_cli_errors_exit_nonzero_with_one_line(tree, r18_file, tmp_path):

@@ -5,56 +5,34 @@ by name from torchvision."""
 
 import copy
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO, cli, make_method, quant_ctx, randomize_bn
 from omegaconf import OmegaConf
 from timm.layers import BatchNormAct2d
 from torch import fx, nn
 
 import dfq_bench
 from dfq_bench import catalog  # noqa: F401
-from dfq_bench.config import ProtocolConfig, UnsupportedError
+from dfq_bench.config import UnsupportedError
 from dfq_bench.data import DataBundle
 from dfq_bench.graph import NormAct, bn_producers, conv_bn_pairs, input_sources, trace
-from dfq_bench.method import QuantContext
 from dfq_bench.models import BuiltModel, Preprocess, reestimate_bn
 from dfq_bench.quant import NonFiniteError, QuantLayer, count_bn, prepare_model
-from dfq_bench.registry import METHODS
 from dfq_bench.synth import Noise
 from dfq_bench.synth_zeroq import ZeroQData
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def protocol(**kw):
-    return OmegaConf.merge(OmegaConf.structured(ProtocolConfig), kw)
-
-
-def method(name, **kw):
-    cls = METHODS.get(name)
-    return cls(OmegaConf.merge(OmegaConf.structured(cls.Config), {"name": name, **kw}))
 
 
 def ctx_for(x, wbits=16, abits=None, calib=None, **proto):
     base = {"first_wbits": None, "last_wbits": None, "last_abits": None} if wbits == 16 else {}
-    return QuantContext(wbits, abits, protocol(**{**base, **proto}), 0, "cpu", x[:2], calib=calib)
+    return quant_ctx(wbits, abits, x[:2], calib, **{**base, **proto})
 
 
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    return model.eval()
+# every BatchNorm kind (timm's BatchNormAct2d, the DoubledBN subclass below), wider spreads than test_dfq's
+randomize = partial(randomize_bn, mean_std=0.3, bias_std=0.5, kinds=nn.modules.batchnorm._BatchNorm)
 
 
 def no_rows(results_dir) -> bool:
@@ -122,7 +100,7 @@ def test_graph_sees_the_activation_inside_a_batchnormact():
 
 def test_bn_rule_range_after_batchnormact_relu_is_non_negative():
     m = randomize(ConvBnAct(nn.ReLU))
-    q = method("rtn").quantize(m, ctx_for(X, 8, 8, [X], act_range="bn"))
+    q = make_method("rtn").quantize(m, ctx_for(X, 8, 8, [X], act_range="bn"))
     aq = q.conv2.act_quant
     gamma, beta = m.bn1.weight.detach(), m.bn1.bias.detach()
     assert aq.lo == 0.0 and aq.hi == pytest.approx(float((beta + 6 * gamma.abs()).max()), rel=1e-5)
@@ -133,7 +111,7 @@ def test_bn_rule_range_after_batchnormact_relu_is_non_negative():
 def test_every_method_preserves_a_batchnormact_model_at_16_bits(name, act):
     m = randomize(ConvBnAct(act))
     ctx = ctx_for(X)
-    q = method(name).quantize(m, ctx)
+    q = make_method(name).quantize(m, ctx)
     with torch.no_grad():
         agree, kl = agreement_kl(m(X), q(X))
     assert agree == 1.0 and kl < 1e-6, (agree, kl)
@@ -143,11 +121,11 @@ def test_every_method_preserves_a_batchnormact_model_at_16_bits(name, act):
 def test_dfq_links_and_bias_correction_through_batchnormact():
     m = randomize(ConvBnAct(nn.ReLU))
     ctx = ctx_for(X, 8, None)
-    method("dfq", bias_absorption=False).quantize(m, ctx)
+    make_method("dfq", bias_absorption=False).quantize(m, ctx)
     assert ctx.info["n_cle_pairs"] == 2  # conv1 -> ReLU -> conv2, conv2 -> ReLU -> pool -> fc (a SiLU stops both)
     assert ctx.info["n_bias_corrected"] == 2  # conv2 and fc read a BN output through ReLU
     ctx = ctx_for(X, 8, None)
-    method("dfq").quantize(randomize(ConvBnAct(nn.SiLU)), ctx)
+    make_method("dfq").quantize(randomize(ConvBnAct(nn.SiLU)), ctx)
     assert ctx.info["n_cle_pairs"] == 0 and ctx.info["n_bias_corrected"] == 0
 
 
@@ -192,7 +170,7 @@ def test_untraceable_model_folds_by_module_rule_and_graph_free_methods_run():
     m = randomize(Branchy())
     for name in ("rtn", "squant"):
         ctx = ctx_for(X)
-        q = method(name).quantize(m, ctx)
+        q = make_method(name).quantize(m, ctx)
         assert ctx.info["bn_fold_rule"] == "module" and ctx.info["n_bn_folded"] == 2
         assert ctx.info["n_bn_unfolded"] == 0
         with torch.no_grad():
@@ -203,21 +181,18 @@ def test_untraceable_model_folds_by_module_rule_and_graph_free_methods_run():
 def test_untraceable_model_is_refused_by_graph_methods_before_any_work():
     m = randomize(Branchy())
     with pytest.raises(UnsupportedError, match="cannot run on Branchy.*cannot trace"):
-        method("dfq").quantize(m, ctx_for(X))
+        make_method("dfq").quantize(m, ctx_for(X))
     with pytest.raises(UnsupportedError, match="bn range rule"):
-        method("rtn").quantize(m, ctx_for(X, 8, 8, [X], act_range="bn"))
+        make_method("rtn").quantize(m, ctx_for(X, 8, 8, [X], act_range="bn"))
     ctx = ctx_for(X, 8, None)  # every DFQ graph step off: nothing needs the graph
-    method("dfq", relu6_to_relu=False, cle=False, bias_absorption=False, bias_correction=False).quantize(m, ctx)
+    make_method("dfq", relu6_to_relu=False, cle=False, bias_absorption=False, bias_correction=False).quantize(m, ctx)
     assert ctx.info["n_bn_folded"] == 2
 
 
 def test_cli_refuses_dfq_on_an_untraceable_timm_model_in_one_line_without_a_row(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "dfq_bench", "method=dfq", "model=timm", "model.name=mobilevit_xxs",
-         "model.weights=null", "dataset=fake", "dataset.num_samples=4", "wbits=8", "abits=8",
-         f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    out = cli(["method=dfq", "model=timm", "model.name=mobilevit_xxs", "model.weights=null", "dataset=fake",
+               "dataset.num_samples=4", "wbits=8", "abits=8", f"results_dir={tmp_path}",
+               f"hydra.run.dir={tmp_path}/run"], REPO)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "method dfq cannot run on timm:mobilevit_xxs" in lines[0]
@@ -249,7 +224,7 @@ def test_tracing_leaves_the_model_clean_and_deepcopyable():
     trace(m)
     assert m.cache == {}
     ctx = ctx_for(X, 8, 8, [X])
-    q = method("dfq").quantize(m, ctx)
+    q = make_method("dfq").quantize(m, ctx)
     assert not any(isinstance(v, fx.Proxy) for v in m.cache.values())
     copy.deepcopy(m)  # breaks if a Proxy was cached in the caller's model
     assert isinstance(q.fc, QuantLayer)
@@ -289,7 +264,7 @@ def test_non_finite_activation_names_the_layer():
     with torch.no_grad():
         m.se_expand.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="layer fc"):
-        method("rtn").quantize(m, ctx_for(X, 8, 8, [X]))
+        make_method("rtn").quantize(m, ctx_for(X, 8, 8, [X]))
 
 
 # ---- noise in the model's input space ------------------------------------------------------------------
@@ -318,12 +293,8 @@ def test_pixel_noise_is_normalized_like_the_images_and_squant_rule_keeps_raw():
 
 
 def _run(tmp_path, *overrides):
-    out = subprocess.run(
-        [sys.executable, "-m", "dfq_bench", "model=test_cnn", "dataset=fake", "dataset.num_samples=16",
-         f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    return out
+    return cli(["model=test_cnn", "dataset=fake", "dataset.num_samples=16", f"results_dir={tmp_path}",
+                f"hydra.run.dir={tmp_path}/run", *overrides], REPO)
 
 
 def test_rows_record_the_noise_space_used(tmp_path):
@@ -381,11 +352,8 @@ def test_bn_statistics_data_refuses_a_model_without_bn(tmp_path):
     for source in ("zeroq_cpu", "genie_cpu"):
         with pytest.raises(UnsupportedError, match="has no BatchNorm layer"):
             dfq_bench.make_calib(source, m, example_input=X[:2])
-    out = subprocess.run(
-        [sys.executable, "-m", "dfq_bench", "method=zeroq", "data=zeroq_cpu", "model=timm",
-         "model.name=vit_tiny_patch16_224", "model.weights=null", "dataset=fake", "dataset.num_samples=4",
-         f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    out = cli(["method=zeroq", "data=zeroq_cpu", "model=timm", "model.name=vit_tiny_patch16_224",
+               "model.weights=null", "dataset=fake", "dataset.num_samples=4", f"results_dir={tmp_path}",
+               f"hydra.run.dir={tmp_path}/run"], REPO)
     assert out.returncode == 2 and "data=zeroq cannot run on timm:vit_tiny_patch16_224" in out.stderr
     assert no_rows(tmp_path)

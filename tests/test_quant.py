@@ -5,10 +5,9 @@ import random
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers import protocol, quant_ctx
 from torch import nn
 
-from dfq_bench.config import ProtocolConfig
 from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.observers import calibrate_activations
 from dfq_bench.quant import (
@@ -30,10 +29,6 @@ def ref_levels(values, bits, symmetric):
     s = (max(-lo, hi) / qmax if symmetric else (hi - lo) / (qmax - qmin)) or 1.0
     z = 0 if symmetric else min(max(qmin - round(lo / s), qmin), qmax)
     return [min(max(round(v / s + z), qmin), qmax) for v in values], s, z
-
-
-def protocol(**kw):
-    return OmegaConf.merge(OmegaConf.structured(ProtocolConfig), kw)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 16])
@@ -235,12 +230,10 @@ def test_percentile_rule_is_inside_minmax():
 def test_method_returns_new_model_and_leaves_float_model_untouched():
     from dfq_bench.methods.rtn import RTN
 
-    from dfq_bench.method import QuantContext
-
     model = make_test_cnn(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    ctx = QuantContext(4, 4, protocol(), 0, "cpu", x[:2], calib=[x])
+    ctx = quant_ctx(4, 4, x[:2], calib=[x])
     qmodel = RTN().quantize(model, ctx)
     assert qmodel is not model and isinstance(qmodel.conv1, QuantLayer)
     assert not any(isinstance(m, QuantLayer) for m in model.modules())

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from dfq_bench import report
 from dfq_bench.results import append_row
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = {"name": "common", "fold_bn": True, "first_wbits": 8}
 PAPER_PROTO = {"name": "squant_paper", "fold_bn": False, "first_wbits": None}
 

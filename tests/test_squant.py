@@ -10,25 +10,15 @@ import pytest
 import torch
 from dfq_bench.methods.rtn import RTN
 from dfq_bench.methods.squant import KTable, Squant, SquantRange, flip_levels
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg, protocol, quant_ctx
 from omegaconf import OmegaConf
 from torch import nn
 
-from dfq_bench.config import CONF_DIR, ConfigError, ProtocolConfig, register_configs, validate_config
+from dfq_bench.config import ConfigError, validate_config
 from dfq_bench.method import QuantContext
 from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.quant import quant_layers, weight_grid
 from dfq_bench.runner import run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is as fast, and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 MODES = {"squant": (True, True), "squant-e": (False, False), "squant-k": (True, False), "squant-c": (False, True)}
 
@@ -299,12 +289,8 @@ def test_squant_e_equals_rtn_levels(gaussian_w4):
 # ---------------------------------------------------------------------------------------------
 
 
-def protocol(**kw):
-    return OmegaConf.merge(OmegaConf.structured(ProtocolConfig), kw)
-
-
 def ctx_for(abits=None, calib=None, **proto):
-    return QuantContext(4, abits, protocol(**proto), 0, "cpu", torch.zeros(2, 3, 16, 16), calib=calib)
+    return quant_ctx(4, abits, torch.zeros(2, 3, 16, 16), calib, **proto)
 
 
 def method_cfg(**kw):
@@ -412,15 +398,9 @@ def test_missing_k_for_activation_bits_fails_before_quantizing():
 # ---------------------------------------------------------------------------------------------
 
 
-def _compose(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_modes_compose(mode):
-    cfg = _compose(["method=squant", f"method.mode={mode}", "+method.k.5=11"])
+    cfg = compose_cfg(["method=squant", f"method.mode={mode}", "+method.k.5=11"])
     validate_config(cfg)
     assert cfg.method.mode == mode and cfg.method.k["5"] == 11
 
@@ -432,13 +412,13 @@ def test_modes_compose(mode):
      ("method.k_other=-1", "method.k_other=-1.0 is invalid")],
 )
 def test_bad_method_values_fail_at_validation(override, message):
-    cfg = _compose(["method=squant", override])
+    cfg = compose_cfg(["method=squant", override])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate_config(cfg)
 
 
 def test_paper_protocol_preset():
-    p = _compose(["protocol=squant_paper"]).protocol
+    p = compose_cfg(["protocol=squant_paper"]).protocol
     assert (p.first_wbits, p.last_wbits, p.last_abits, p.fold_bn, p.quantize_first_input) == (
         None, None, 8, False, False)
 
@@ -446,10 +426,10 @@ def test_paper_protocol_preset():
 def test_same_seed_gives_identical_row_twice(tmp_path):
     overrides = ["method=squant", "model=test_cnn", "dataset=fake", "wbits=4", "abits=4",
                  "dataset.num_samples=128", "data.num_samples=64", f"results_dir={tmp_path}"]
-    a, b = run(_compose(overrides)), run(_compose(overrides))
+    a, b = run(compose_cfg(overrides)), run(compose_cfg(overrides))
     fields = ["run_id", "status", "top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "n_eval",
               "squant_flip_frac", "act_range", "n_act_quant", "method_cfg", "data", "seed"]
     assert a["status"] == "ok" and {f: a[f] for f in fields} == {f: b[f] for f in fields}
     assert a["data"]["num_samples"] == 64 and a["method_cfg"]["mode"] == "squant"
-    c = run(_compose([*overrides, "seed=1"]))
+    c = run(compose_cfg([*overrides, "seed=1"]))
     assert c["kl_fp32"] != a["kl_fp32"]  # the seed reaches the noise batch

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import cli, compose_cfg, rows_in
 
-from dfq_bench.config import CONF_DIR, register_configs
+from dfq_bench.config import CONF_DIR
 from dfq_bench.results import append_row, read_rows
 from dfq_bench.runner import run, run_id
 from dfq_bench.sweep import _INDEXES, finished_row, finished_rows
@@ -23,21 +23,9 @@ DATA = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "dataset.bat
 SMALL = [*DATA, "wbits=4"]
 
 
-def compose_cfg(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def cli(args, cwd, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "dfq_bench", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
 def rows_of(results: Path):
     errors = []
-    rows = list(read_rows(results / "runs.jsonl", errors)) if (results / "runs.jsonl").exists() else []
-    return rows, errors
+    return rows_in(results, errors), errors
 
 
 def ok_count(rows):

@@ -6,12 +6,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
 from omegaconf import OmegaConf
 from torch import nn
 
 from dfq_bench import catalog  # noqa: F401
-from dfq_bench.config import CONF_DIR, plugin_config, register_configs, validate_config
+from dfq_bench.config import CONF_DIR, plugin_config, validate_config
 from dfq_bench.method import QuantContext
 from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.quant import ActQuant, QuantLayer, prepare_model, quant_layers
@@ -20,15 +20,6 @@ from dfq_bench.runner import run
 from dfq_bench.synth_genie import swing_convs
 
 SIZE = (3, 16, 16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine's 2 cores are shared: a second intra-op thread mostly spins
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def consistent_cnn() -> nn.Module:
@@ -150,12 +141,6 @@ def test_cache_hit_on_second_call_and_corrupt_file_is_regenerated(tmp_path):
     assert len(list((tmp_path / "synth").glob("zeroq-*.pt"))) == 4
 
 
-def _compose(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @pytest.mark.parametrize("overrides,method,data,preset", [
     (["method=zeroq"], "zeroq", "zeroq", "paper"),
     (["method=zeroq", "data=zeroq_cpu"], "zeroq", "zeroq", "cpu"),
@@ -166,15 +151,15 @@ def _compose(overrides):
     (["method=rtn"], "rtn", "noise", None),
 ])
 def test_method_yaml_chooses_default_data_and_data_override_wins(overrides, method, data, preset):
-    cfg = _compose(overrides)
+    cfg = compose_cfg(overrides)
     validate_config(cfg)
     assert (cfg.method.name, cfg.data.name, cfg.data.get("preset")) == (method, data, preset)
 
 
 def test_zeroq_run_records_preset_data_info_and_minmax_ranges(tmp_path):
-    cfg = _compose(["method=zeroq", "model=test_cnn", "dataset=fake", "wbits=8", "abits=8",
-                    f"results_dir={tmp_path}", "data.num_samples=8", "data.batch_size=8", "data.steps=3",
-                    "data.cache=false"])
+    cfg = compose_cfg(["method=zeroq", "model=test_cnn", "dataset=fake", "wbits=8", "abits=8",
+                       f"results_dir={tmp_path}", "data.num_samples=8", "data.batch_size=8", "data.steps=3",
+                       "data.cache=false"])
     row = run(cfg)
     assert row["status"] == "ok" and row["method"] == "zeroq" and row["data"]["preset"] == "paper"
     assert row["data_info"]["cache"] == "off" and row["data_info"]["n_bn_terms"] == 5
