@@ -14,8 +14,8 @@ test: setup
 	$(PY) -m ruff check src methods tests scripts
 	$(PY) -m pytest -q
 
-test-slow: setup
-	$(PY) -m pytest -q -m slow
+test-slow: setup  # the full suite: the default tests and the long ones marked slow
+	$(PY) -m pytest -q -m "slow or not slow"
 
 lint:
 	$(PY) -m ruff check src methods tests scripts
