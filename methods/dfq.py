@@ -12,7 +12,7 @@ Steps (each a config key, all on by default), in this order:
    ``relu6_scope=safe`` (not in the paper) replaces only the ReLU6 whose BN statistics keep the
    clipped input below 6 (beta + 6|gamma| <= 6 in every channel, at every call site of a shared
    module), i.e. where the replacement is exact to 6 sigma; the others stay and stop CLE.
-2. BN folding (``quant.fold_bn``), always: DFQ needs it, so it folds even when
+2. BN folding (``core.bn.fold_bn``), always: DFQ needs it, so it folds even when
    ``protocol.fold_bn`` is false (the row says ``dfq_fold: method``). The BN statistics are kept:
    the folded conv's output channel c is N(beta_c, gamma_c^2) per DFQ's assumption.
 3. ``cle``: cross-layer equalization on every link found by tracing (``graph.equalization_links``:
@@ -65,6 +65,10 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 
 from dfq_bench.config import ConfigError
+from dfq_bench.core.bn import fold_bn
+from dfq_bench.core.grid import Grid
+from dfq_bench.core.method import Method, QuantContext, QuantState
+from dfq_bench.core.planner import LayerPlan
 from dfq_bench.graph import (
     Link,
     TraceError,
@@ -76,8 +80,6 @@ from dfq_bench.graph import (
     relu6_sites,
 )
 from dfq_bench.graph import relu6_to_relu as replace_relu6
-from dfq_bench.method import Method, QuantContext, QuantState
-from dfq_bench.quant import Grid, LayerPlan, fold_bn
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import copy
 
 from torch import nn
 
-from dfq_bench.method import Method, QuantContext
+from dfq_bench.core.method import Method, QuantContext
 
 
 class Dummy(Method):

@@ -9,7 +9,7 @@ even). Activations: the protocol's range rule, min/max over the calibration batc
 Deviations: none.
 """
 
-from dfq_bench.method import Method
+from dfq_bench.core.method import Method
 
 
 class RTN(Method):

@@ -61,8 +61,9 @@ import torch
 from torch import Tensor
 
 from dfq_bench.config import MAX_BITS, MIN_BITS, ConfigError
-from dfq_bench.method import Method, QuantState
-from dfq_bench.quant import Grid, LayerPlan
+from dfq_bench.core.grid import Grid
+from dfq_bench.core.method import Method, QuantState
+from dfq_bench.core.planner import LayerPlan
 
 MODES = {  # mode -> (kernel stage, channel stage)
     "squant": (True, True),

@@ -17,7 +17,7 @@ method in a comparison table. The paper's mixed-precision Pareto search was neve
 not implemented.
 """
 
-from dfq_bench.method import Method
+from dfq_bench.core.method import Method
 
 
 class ZeroQ(Method):

@@ -4,7 +4,7 @@
                                    [--bits 8 4] [--rounds 30]
 
 Each model is quantized with RTN (protocol `common`, calibrated on 256 Fashion-MNIST test images)
-and exported with deploy.py; the FP32 model is exported by the same code. Per batch size, every
+and exported with dfq_bench.deploy; the FP32 model is exported by the same code. Per batch size, every
 variant runs once per round, the variants interleaved so that a load change on the machine hits
 them alike, after 3 warm-up runs; the table gives the median over the rounds and the ratio to
 FP32 ORT. Variants:
@@ -35,10 +35,10 @@ from hydra import compose, initialize_config_dir
 import dfq_bench.catalog  # noqa: F401  (fills the registries)
 from dfq_bench import deploy
 from dfq_bench.config import CONF_DIR, register_configs
-from dfq_bench.method import QuantContext
+from dfq_bench.core.method import QuantContext
 from dfq_bench.models.fmnist import read_manifest
 from dfq_bench.registry import DATASETS, METHODS
-from dfq_bench.runner import build_model
+from dfq_bench.run.runner import build_model
 
 
 def _compose(overrides: list[str]):

@@ -97,7 +97,7 @@ def main() -> None:
         size_mb = runs.stat().st_size / 1e6
         base = [sys.executable, "-m", "dfq_bench.report", str(runs), "--out", str(Path(tmp) / "out")]
         load_before = os.getloadavg()[0]
-        startup = median_of([sys.executable, "-c", "import dfq_bench.report"], args.repeats)
+        startup = median_of([sys.executable, "-c", "import dfq_bench.results.report"], args.repeats)
         tables = median_of([*base, "--no-plots"], args.repeats)
         full = median_of(base, args.repeats)
     print(f"reporter on {args.rows} rows ({size_mb:.0f} MB runs.jsonl), median of {args.repeats}; "

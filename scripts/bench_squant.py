@@ -39,7 +39,7 @@ import torchvision
 from dfq_bench.methods.squant import Squant
 from torch import nn
 
-from dfq_bench.quant import weight_grid
+from dfq_bench.core.grid import weight_grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ with ``method.steps=0`` on the noise batch: its reconstruction is an optimisatio
 reference's absolute Adam rates, 1e-4 on step sizes of ~1e-5 at 16 bits, it diverges).
 
 Each architecture runs in a subprocess: one Python process composes every cell with Hydra's compose
-API and runs it with ``dfq_bench.runner.run``, which is what ``python -m dfq_bench <the cell's
+API and runs it with ``dfq_bench.run.runner.run``, which is what ``python -m dfq_bench <the cell's
 overrides>`` runs (the matrix lists that command). Its cells go to ``<out>/cells/<arch>.json``, so the
 sweep resumes; then ``<out>/../coverage.md`` gets the matrix. Each architecture also gets the W8A8
 agreement of an independent quantizer written here with torch's own ops (``reference_w8a8``): on a
@@ -123,11 +123,11 @@ def reference_cell(arch: str) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
+    from dfq_bench.calib.sources import Noise
     from dfq_bench.config import CONF_DIR
     from dfq_bench.models import reestimate_bn
     from dfq_bench.registry import DATASETS
-    from dfq_bench.runner import bn_images, build_model, seed_everything
-    from dfq_bench.synth import Noise
+    from dfq_bench.run.runner import bn_images, build_model, seed_everything
 
     over = cell_overrides(arch, "rtn", "w8a8")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -151,7 +151,7 @@ def run_arch(arch: str, out: Path, methods: list[str], done: list[dict]) -> list
     from hydra import compose, initialize_config_dir
 
     from dfq_bench.config import CONF_DIR, UnsupportedError, register_configs, validate_config
-    from dfq_bench.runner import run
+    from dfq_bench.run.runner import run
 
     register_configs()
     have = {(c["method"], c["setting"]) for c in done if c["status"] in ("ok", "refused")}

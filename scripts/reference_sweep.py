@@ -60,7 +60,7 @@ def seeded(method_overrides: list[str], wbits: int, abits: int | None, common: l
 
     from dfq_bench import catalog  # noqa: F401  (fills the registries)
     from dfq_bench.config import CONF_DIR, plugin_config, register_configs
-    from dfq_bench.method import QuantContext
+    from dfq_bench.core.method import QuantContext
     from dfq_bench.registry import METHODS
 
     register_configs()

@@ -74,8 +74,9 @@ def spread(model_name: str, bits: int) -> None:
 
     from dfq_bench import catalog  # noqa: F401
     from dfq_bench.config import CONF_DIR, ModelConfig
+    from dfq_bench.core.bn import fold_bn
+    from dfq_bench.core.grid import weight_grid
     from dfq_bench.graph import equalization_links, relu6_to_relu
-    from dfq_bench.quant import fold_bn, weight_grid
     from dfq_bench.registry import MODELS
 
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml"))

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dfq_bench.config import CONF_DIR, ProtocolConfig, register_configs
-from dfq_bench.method import QuantContext
+from dfq_bench.core.method import QuantContext
 from dfq_bench.results import read_rows
 
 REPO = Path(__file__).resolve().parents[1]

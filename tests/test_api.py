@@ -11,8 +11,8 @@ from torch import nn
 
 import dfq_bench
 from dfq_bench.config import ConfigError
+from dfq_bench.core.modules import quant_layers
 from dfq_bench.models import IMAGENET_MEAN, IMAGENET_STD, BuiltModel, Preprocess, reestimate_bn
-from dfq_bench.quant import quant_layers
 
 sys.path.insert(0, str(SCRIPTS))
 from coverage_matrix import reference_w8a8  # noqa: E402

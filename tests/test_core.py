@@ -1,4 +1,4 @@
-"""The staged core (method.py): stages, the state handed between them, and one new piece of each kind
+"""The staged core (core/method.py): stages, the state handed between them, and one new piece of each kind
 (weight rounding, range rule, calibration source, planner) added in one place and used through the
 Python API; the committed reference rows recomputed on the core. Every method on a torchvision model
 without a zoo entry, through the API alone: tests/test_api.py."""
@@ -13,11 +13,12 @@ from torch import nn
 
 import dfq_bench
 from dfq_bench.config import CONF_DIR, register_configs, validate_config
-from dfq_bench.method import STAGES, Method, QuantState
-from dfq_bench.observers import RANGE_RULES
-from dfq_bench.quant import PLANNERS, LayerPlan, quant_layers
+from dfq_bench.core.method import STAGES, Method, QuantState
+from dfq_bench.core.modules import quant_layers
+from dfq_bench.core.planner import PLANNERS, LayerPlan
+from dfq_bench.core.ranges import RANGE_RULES
 from dfq_bench.registry import METHODS, SYNTH
-from dfq_bench.runner import run
+from dfq_bench.run.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +161,7 @@ class AbsMax:
 def every_layer_at(bits):
     """A planner: every Conv/Linear at ``bits`` (first and last included), activations per the run."""
     def planner(model, example_input, protocol, wbits, abits):
-        from dfq_bench.quant import execution_order
+        from dfq_bench.core.planner import execution_order
 
         names = execution_order(model, example_input)
         return [LayerPlan(n, model.get_submodule(n), bits, abits, i == 0, i == len(names) - 1)

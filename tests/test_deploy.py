@@ -1,4 +1,4 @@
-"""Deployed-integer check (deploy.py): the ONNX file holds exactly our integer levels, scales and
+"""Deployed-integer check (deploy/): the ONNX file holds exactly our integer levels, scales and
 zero-points; ORT's optimized graph runs integer convolutions; the integer model's levels and
 logits stay within the requantization error of the fake-quant simulation, with the bound derived
 from the levels ORT actually computed."""
@@ -14,8 +14,8 @@ from torch import nn
 
 from dfq_bench import deploy
 from dfq_bench.config import ConfigError, validate_config
+from dfq_bench.core.modules import quant_layers
 from dfq_bench.models.test_cnn import make_test_cnn
-from dfq_bench.quant import quant_layers
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -244,7 +244,7 @@ def test_weights_moved_off_their_grid_fail(tmp_path):
 
 
 def test_runner_adds_the_deploy_fields_and_a_failed_export_fails_the_row(tmp_path):
-    from dfq_bench.runner import run, run_id
+    from dfq_bench.run.runner import run, run_id
 
     base = ["model=test_cnn", "dataset=fake", "dataset.num_samples=64", "dataset.batch_size=32",
             f"results_dir={tmp_path}"]

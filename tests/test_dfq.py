@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.quantization._equalize import cross_layer_equalization
 
+from dfq_bench.core.bn import fold_bn
+from dfq_bench.core.modules import QuantLayer, quant_layers
 from dfq_bench.graph import equalization_links, input_sources, relu6_to_relu, trace
 from dfq_bench.models.test_cnn import make_test_cnn
-from dfq_bench.quant import QuantLayer, fold_bn, quant_layers
 
 HAS_EFFNET = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
 

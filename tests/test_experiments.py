@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from helpers import compose_cfg
 
-from dfq_bench import report
 from dfq_bench.config import CONF_DIR, validate_config
-from dfq_bench.runner import run
+from dfq_bench.results import report
+from dfq_bench.run.runner import run
 
 # SQuant (ICLR 2022) Tables 1-2, typed here from the paper's table independently of the YAML files:
 # model -> (FP32, {method: (W4A4, W6A6, W8A8)}); None = not reported.

@@ -23,7 +23,7 @@ from dfq_bench.data import fashion_mnist as fm
 from dfq_bench.models import BuiltModel, fmnist
 from dfq_bench.models.torchvision_timm import WeightsError
 from dfq_bench.registry import DATASETS, MODELS
-from dfq_bench.runner import run
+from dfq_bench.run.runner import run
 
 ZOO = ("mobilenetv2_fmnist", "resnet20_fmnist", "vgg_fmnist")
 DATA_DIR = next((d for d in fm.SYSTEM_DIRS if fm.complete_dir(d)), None) or fm.complete_dir(

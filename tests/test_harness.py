@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dfq_bench.config import CONF_DIR, ConfigError, validate_config
 from dfq_bench.registry import METHODS, Registry, UnknownNameError
 from dfq_bench.results import append_row, read_rows
-from dfq_bench.runner import run
+from dfq_bench.run.runner import run
 
 ROW_FIELDS = {
     "run_id", "status", "error", "method", "method_version", "model", "dataset", "wbits", "abits",
@@ -99,7 +99,7 @@ def test_runner_row_is_complete_and_dummy_is_exact(tmp_path):
 
 
 def test_run_id_is_stable_and_ignores_results_dir(tmp_path):
-    from dfq_bench.runner import run_id
+    from dfq_bench.run.runner import run_id
 
     a = run_id(compose_cfg(["results_dir=a"]))
     assert a == run_id(compose_cfg(["results_dir=b"]))
@@ -192,7 +192,7 @@ def plugin_path(tmp_path):
         "[dfq_bench.methods]\nhalf_rtn = myplug:HalfRTN\nbroken = myplug:Broken\n"
     )
     (site / "myplug.py").write_text(textwrap.dedent("""
-        from dfq_bench.method import Method
+        from dfq_bench.core.method import Method
 
         class HalfRTN(Method):
             name, version = "half_rtn", "0.1"

@@ -24,7 +24,7 @@ from dfq_bench.config import ConfigError, validate_config
 from dfq_bench.data import DatasetError
 from dfq_bench.models.torchvision_timm import WeightsError
 from dfq_bench.registry import DATASETS, MODELS
-from dfq_bench.runner import run
+from dfq_bench.run.runner import run
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSES = ("n01440764", "n01443537", "n01484850")  # sorted, like ImageNet's wnid folders

@@ -17,13 +17,14 @@ from torch import fx, nn
 
 import dfq_bench
 from dfq_bench import catalog  # noqa: F401
+from dfq_bench.calib.sources import Noise
+from dfq_bench.calib.zeroq import ZeroQData
 from dfq_bench.config import UnsupportedError
+from dfq_bench.core.bn import count_bn, prepare_model
+from dfq_bench.core.modules import NonFiniteError, QuantLayer
 from dfq_bench.data import DataBundle
 from dfq_bench.graph import NormAct, bn_producers, conv_bn_pairs, input_sources, trace
 from dfq_bench.models import BuiltModel, Preprocess, reestimate_bn
-from dfq_bench.quant import NonFiniteError, QuantLayer, count_bn, prepare_model
-from dfq_bench.synth import Noise
-from dfq_bench.synth_zeroq import ZeroQData
 
 
 def ctx_for(x, wbits=16, abits=None, calib=None, **proto):
@@ -335,7 +336,7 @@ def test_bn_reestimate_fits_the_statistics_to_the_images():
 
 
 def test_non_finite_model_output_at_evaluation_names_the_module():
-    from dfq_bench.runner import evaluate
+    from dfq_bench.run.runner import evaluate
 
     m = randomize(SE())
     q = copy.deepcopy(m)

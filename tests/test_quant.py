@@ -8,18 +8,12 @@ import torch
 from helpers import protocol, quant_ctx
 from torch import nn
 
+from dfq_bench.core.bn import fold_bn, prepare_model
+from dfq_bench.core.grid import grid_from_range, weight_grid
+from dfq_bench.core.modules import ActQuant, QuantLayer, quantize_weights
+from dfq_bench.core.planner import plan_layers
+from dfq_bench.core.ranges import calibrate_activations
 from dfq_bench.models.test_cnn import make_test_cnn
-from dfq_bench.observers import calibrate_activations
-from dfq_bench.quant import (
-    ActQuant,
-    QuantLayer,
-    fold_bn,
-    grid_from_range,
-    plan_layers,
-    prepare_model,
-    quantize_weights,
-    weight_grid,
-)
 
 
 def ref_levels(values, bits, symmetric):

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from dfq_bench import report
-from dfq_bench.results import append_row
+from dfq_bench.results import append_row, report
 
 COMMON = {"name": "common", "fold_bn": True, "first_wbits": 8}
 PAPER_PROTO = {"name": "squant_paper", "fold_bn": False, "first_wbits": None}
@@ -148,7 +147,7 @@ def test_committed_reference_tables_are_reproduced_byte_for_byte(tmp_path):
 
 def test_wandb_offline_logs_every_row_field_and_the_plots(runs, tmp_path, monkeypatch, caplog):
     pytest.importorskip("wandb")
-    from dfq_bench.loggers import flatten, log_report, log_row
+    from dfq_bench.run.loggers import flatten, log_report, log_row
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dfq_bench import loggers, report
 from dfq_bench.config import CONF_DIR, register_configs
-from dfq_bench.results import FIELDS, IN_EVERY_ROW, LastOk, atomic_write, fields, read_rows, schema_table
-from dfq_bench.runner import run
+from dfq_bench.results import FIELDS, IN_EVERY_ROW, LastOk, atomic_write, fields, read_rows, report, schema_table
+from dfq_bench.run import loggers
+from dfq_bench.run.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "dataset.batch_size=32"]

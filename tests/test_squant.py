@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dfq_bench.config import ConfigError, validate_config
-from dfq_bench.method import QuantContext
+from dfq_bench.core.grid import weight_grid
+from dfq_bench.core.method import QuantContext
+from dfq_bench.core.modules import quant_layers
 from dfq_bench.models.test_cnn import make_test_cnn
-from dfq_bench.quant import quant_layers, weight_grid
-from dfq_bench.runner import run
+from dfq_bench.run.runner import run
 
 MODES = {"squant": (True, True), "squant-e": (False, False), "squant-k": (True, False), "squant-c": (False, True)}
 

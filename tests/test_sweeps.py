@@ -16,8 +16,8 @@ from helpers import cli, compose_cfg, rows_in
 
 from dfq_bench.config import CONF_DIR
 from dfq_bench.results import append_row, read_rows
-from dfq_bench.runner import run, run_id
-from dfq_bench.sweep import _INDEXES, finished_row, finished_rows
+from dfq_bench.run.runner import run, run_id
+from dfq_bench.run.sweep import _INDEXES, finished_row, finished_rows
 
 DATA = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "dataset.batch_size=32"]
 SMALL = [*DATA, "wbits=4"]

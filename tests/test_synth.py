@@ -11,13 +11,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dfq_bench import catalog  # noqa: F401
+from dfq_bench.calib.genie import swing_convs
 from dfq_bench.config import CONF_DIR, plugin_config, validate_config
-from dfq_bench.method import QuantContext
+from dfq_bench.core.bn import prepare_model
+from dfq_bench.core.method import QuantContext
+from dfq_bench.core.modules import ActQuant, QuantLayer, quant_layers
 from dfq_bench.models.test_cnn import make_test_cnn
-from dfq_bench.quant import ActQuant, QuantLayer, prepare_model, quant_layers
 from dfq_bench.registry import METHODS, SYNTH
-from dfq_bench.runner import run
-from dfq_bench.synth_genie import swing_convs
+from dfq_bench.run.runner import run
 
 SIZE = (3, 16, 16)
 

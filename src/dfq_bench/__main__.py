@@ -1,3 +1,3 @@
-from dfq_bench.cli import main
+from dfq_bench.run.cli import main
 
 main()

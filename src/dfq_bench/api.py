@@ -10,7 +10,7 @@ method), given as its ``Config`` dataclass (``DFQ.Config(name="dfq", cle=False)`
 instance; ``**method_keys`` are merged on the named method's defaults and checked like the CLI's
 ``method.<key>=`` overrides. A protocol is a ``conf/protocol`` name (``common``, ``squant_paper``,
 ``dfq_paper``) plus keyword overrides (``protocol_keys``), or a ``ProtocolConfig``. The CLI runner
-(runner.py) calls exactly these functions.
+(run/runner.py) calls exactly these functions.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from dfq_bench import catalog  # noqa: F401  (fills the registries)
 from dfq_bench.config import CONF_DIR, ConfigError, ProtocolConfig, plugin_config
+from dfq_bench.core.method import Method, QuantContext
 from dfq_bench.data import DataBundle
-from dfq_bench.method import Method, QuantContext
 from dfq_bench.registry import METHODS, SYNTH
 
 
@@ -84,9 +84,9 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
     Args:
         example_input: one input batch of the model's shape (two images are enough).
         calib: calibration batches (``make_calib``), needed when activations are quantized or the
-            method itself uses data; or a callable taking the ``method.QuantState``, called once after
+            method itself uses data; or a callable taking the ``core.method.QuantState``, called once after
             the weights are quantized (a source that sees the student).
-        planner: a ``quant.PLANNERS`` name or a planner callable (per-layer bits); default: the
+        planner: a ``core.planner.PLANNERS`` name or a planner callable (per-layer bits); default: the
             protocol's first/last-layer rules.
     Raises:
         UnsupportedError: the method cannot run on this model (e.g. it needs the layer graph and
@@ -139,8 +139,8 @@ def make_calib(source: str, model: nn.Module, *, example_input: Tensor | None = 
 
 def evaluate(model: nn.Module, qmodel: nn.Module, loader, device: str = "cpu", progress: bool = False) -> dict:
     """Top-1/top-5 of both models, their agreement and KL, in one pass over ``loader`` ((x, y) batches)."""
-    from dfq_bench.runner import evaluate as run_eval
-    from dfq_bench.runner import progress_bar
+    from dfq_bench.run.runner import evaluate as run_eval
+    from dfq_bench.run.runner import progress_bar
 
     return run_eval(model.to(device).eval(), qmodel.to(device).eval(), loader, device, progress_bar(progress))
 

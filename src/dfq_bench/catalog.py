@@ -1,11 +1,11 @@
 """Where every registered name lives. Importing this module fills the registries; methods and
 heavy model factories are imported lazily, on first use."""
 
-from dfq_bench import (  # noqa: F401  (register datasets and generators)
+from dfq_bench import (  # noqa: F401  (register datasets and the model zoo)
     data,
-    models,  # noqa: F401  (registers the model zoo)
-    synth,
+    models,
 )
+from dfq_bench.calib import sources  # noqa: F401  (registers the calibration sources)
 from dfq_bench.registry import METHODS
 
 METHOD_MODULES = {

@@ -90,10 +90,10 @@ class Config:
     results_dir: str = "results"
     progress: bool | None = None  # null = on when stderr is a TTY
     skip_done: bool = True  # skip a run whose run_id already has an ok row in results_dir
-    eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see evalcache.py
+    eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see run/evalcache.py
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
-    deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy.py); null = off
+    deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy/); null = off
 
 
 def register_configs() -> None:
@@ -141,7 +141,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"protocol.percentile={p.percentile!r} is invalid; valid: (50, 100]")
     if cfg.get("deploy") is not None:
         _check_deploy(cfg.deploy)
-    from dfq_bench.observers import RANGE_RULES
+    from dfq_bench.core.ranges import RANGE_RULES
 
     if p.act_range is not None:
         RANGE_RULES.get(p.act_range)  # raises the did-you-mean error

@@ -1,7 +1,7 @@
 """Differentiable quantizers for methods that learn their quantization (GENIE-M, BRECQ/QDrop style).
 
-The grid itself (scale, integer zero-point, level range) is always a ``quant.Grid`` built by
-``quant.grid_from_range``; this module only adds what learning needs:
+The grid itself (scale, integer zero-point, level range) is always a ``core.grid.Grid`` built by
+``core.grid.grid_from_range``; this module only adds what learning needs:
 
 - ``lp_grid_search``: the scale initialisation used by BRECQ/GENIE: shrink the min/max range by
   ratios 1.00, 0.99, ..., 0.01 and keep, per row, the grid minimising mean |x - Q(x)|^p (p = 2.4).
@@ -15,7 +15,7 @@ The grid itself (scale, integer zero-point, level range) is always a ``quant.Gri
   (straight-through rounding), for fine-tuning (``Method.weight_quantizer = "ste"``).
 - ``LsqActQuant``: per-tensor activation fake-quant with a learned step size and QDrop (each element
   kept in float with probability ``drop_p`` while training); ``to_act_quant`` freezes it into the
-  shared ``quant.ActQuant``.
+  shared ``core.modules.ActQuant``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfq_bench.quant import ActQuant, Grid, activation_grid, grid_from_range
+from dfq_bench.core.grid import Grid, activation_grid, grid_from_range
+from dfq_bench.core.modules import ActQuant
 
 ZETA, GAMMA = 1.1, -0.1
 # Larger inputs are subsampled (fixed seed, with replacement) for the error of each candidate only;
@@ -79,7 +80,7 @@ def weight_grid_lp(w: Tensor, bits: int, per_channel: bool, symmetric: bool, p: 
 
 
 def act_grid_lp(x: Tensor, bits: int, symmetric: bool, p: float = 2.4, n_ratios: int = 100) -> Grid:
-    """Per-tensor activation grid (``quant.activation_grid`` semantics: signed only when symmetric
+    """Per-tensor activation grid (``core.grid.activation_grid`` semantics: signed only when symmetric
     and the data has negatives) chosen by the |x - Q(x)|^p search over shrunk min/max ranges."""
     flat = _subsample(x.detach().reshape(1, -1))[0]
     lo, hi = float(x.min()), float(x.max())
@@ -192,7 +193,7 @@ class LsqActQuant(nn.Module):
 
 
 def to_act_quant(q: LsqActQuant) -> ActQuant:
-    """The frozen ``quant.ActQuant`` computing exactly what ``q`` computes in eval mode."""
+    """The frozen ``core.modules.ActQuant`` computing exactly what ``q`` computes in eval mode."""
     aq = ActQuant(q.bits, q.symmetric)
     scale, zp = float(q.scale.detach()), int(q.zero_point)
     aq.scale.fill_(scale)

@@ -16,7 +16,7 @@ from a seeded ``torch.Generator`` (the reference sets no seed). The reference in
 with std ~0.014 (it divides by the variance instead of the std): that quirk is ``init_std: 0.014``
 here, off by default (``init_std: 1.0``). Models without a conv->BN pair fall back to every BN's
 input; a model without BN is refused up front (`require_bn`: one line, no row). The batching,
-seeding, cache and hooks are the BN-statistics base's (synth_bn.py).
+seeding, cache and hooks are the BN-statistics base's (calib/bnstats.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from dfq_bench.calib.bnstats import BNStatsData, InputStats, optimize, require_bn
+from dfq_bench.calib.cache import Batches
 from dfq_bench.graph import BATCHNORM, TraceError, conv_bn_pairs
-from dfq_bench.synth_bn import BNStatsData, InputStats, optimize, require_bn
-from dfq_bench.synth_cache import Batches
 
 
 def bn_after_conv(model: nn.Module) -> list[nn.Module]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, UnsupportedError, register_configs, validate_config
 from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
 from dfq_bench.results import ResultsDirError, check_writable
-from dfq_bench.sweep import finished_row
+from dfq_bench.run.sweep import finished_row
 
 log = logging.getLogger("dfq_bench")
 EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
@@ -63,7 +63,7 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def task(cfg: DictConfig):
-    from dfq_bench.runner import run, run_id, summary
+    from dfq_bench.run.runner import run, run_id, summary
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

@@ -10,7 +10,7 @@ One ``QuantState`` travels through the stages, in this order (``STAGES``):
 
     prepare    copy the float model, split fused norm-activations, fold BN (protocol.fold_bn)
     transform  float-equivalent rewrites (DFQ's equalization, absorption)
-    plan       per-layer bits and roles: a Planner (``quant.PLANNERS``; the protocol rules by default)
+    plan       per-layer bits and roles: a Planner (``core.planner.PLANNERS``; the protocol rules by default)
     grid       a weight grid per planned layer (``weight_grid``: the uniform min/max grid by default)
     round      integer weight levels on that grid (``round_weights``: round to nearest by default)
     weights    the weight quantizer modules: baked levels (default) or STE-trainable weights
@@ -38,10 +38,13 @@ from omegaconf import MISSING, OmegaConf
 from torch import Tensor, nn
 
 from dfq_bench.config import UnsupportedError
+from dfq_bench.core.bn import prepare_model
+from dfq_bench.core.grid import Grid, weight_grid
+from dfq_bench.core.learn import SteWeight
+from dfq_bench.core.modules import QuantLayer, bake_weights
+from dfq_bench.core.planner import PLANNERS, LayerPlan
+from dfq_bench.core.ranges import calibrate_activations
 from dfq_bench.graph import TraceError, trace
-from dfq_bench.learn import SteWeight
-from dfq_bench.observers import calibrate_activations
-from dfq_bench.quant import PLANNERS, Grid, LayerPlan, QuantLayer, bake_weights, prepare_model, weight_grid
 
 STAGES = ("prepare", "transform", "plan", "grid", "round", "weights", "correct", "calibrate", "train")
 CalibSource = Callable[["QuantState"], list[Tensor]]
@@ -60,7 +63,7 @@ class QuantContext:
     calib: list[Tensor] | CalibSource | None = None  # batches, or a source called with the state
     progress: Callable = lambda it, **kw: it  # wraps long loops in a progress bar
     info: dict = field(default_factory=dict)  # method-specific fields for the result row
-    planner: Any = None  # a ``quant.PLANNERS`` name or a Planner; None: the protocol's rules
+    planner: Any = None  # a ``core.planner.PLANNERS`` name or a Planner; None: the protocol's rules
 
 
 @dataclass

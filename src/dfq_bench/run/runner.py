@@ -23,16 +23,16 @@ from torch import nn
 
 from dfq_bench import api, catalog  # noqa: F401  (catalog fills the registries)
 from dfq_bench.config import UnsupportedError, identity_config, plugin_config
-from dfq_bench.evalcache import EvalCache, FP32Outputs
-from dfq_bench.loggers import log_row
-from dfq_bench.method import QuantContext
+from dfq_bench.core.method import QuantContext
+from dfq_bench.core.modules import NonFiniteError, first_nonfinite
 from dfq_bench.models import BuiltModel, reestimate_bn
-from dfq_bench.quant import NonFiniteError, first_nonfinite
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import IN_EVERY_ROW, append_row, check_writable, write_json
+from dfq_bench.run.evalcache import EvalCache, FP32Outputs
+from dfq_bench.run.loggers import log_row
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 _PACKAGES = ("dfq_bench", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy")
 
 
@@ -78,9 +78,9 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
              fp32: FP32Outputs | None = None, record: list | None = None) -> dict:
     """Feeds each batch once to both models. Top-k in percent; agreement of the two top-1
     predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model.
-    A model may be any callable from images to logits (deploy.py passes an ONNX Runtime session).
+    A model may be any callable from images to logits (deploy/check.py passes an ONNX Runtime session).
 
-    ``fp32``: cached FP32 logits of this loader (evalcache.py): the FP32 forward is skipped and
+    ``fp32``: cached FP32 logits of this loader (run/evalcache.py): the FP32 forward is skipped and
     its logits are read from the cache. ``record``: a list that receives (FP32 logits, labels) of
     every batch on CPU, to make a cache entry.
     """
@@ -267,7 +267,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             cache.save(FP32Outputs(torch.cat([r[0] for r in record]), torch.cat([r[1] for r in record]),
                                    row["t_eval_fp32_s"]))
         row["delta_top1"] = row["top1"] - row["top1_fp32"]
-        if cfg.get("deploy"):  # deployed-integer check (deploy.py); an export error fails the row
+        if cfg.get("deploy"):  # deployed-integer check (deploy/); an export error fails the row
             from dfq_bench.deploy import deployed_check
 
             row.update(deployed_check(model, qmodel, bundle.loader, example,

@@ -17,7 +17,7 @@ seeded ``torch.Generator``, so a seed gives identical data (the reference uses n
 for swing offsets and sets no seed); the generator's first feature map is ceil(H/4) x ceil(W/4) and
 its second upsample goes to exactly H x W (the reference assumes H divisible by 4; identical then);
 image channels follow the model's input (the reference has 3). The batching, seeding, cache and
-hooks are the BN-statistics base's (synth_bn.py): the teacher is a split copy of the model.
+hooks are the BN-statistics base's (calib/bnstats.py): the teacher is a split copy of the model.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
 
-from dfq_bench.synth_bn import BNStatsData, optimize
+from dfq_bench.calib.bnstats import BNStatsData, optimize
 
 BN_STD_EPS = 1e-6  # the reference's eps for sqrt(running_var + eps)
 

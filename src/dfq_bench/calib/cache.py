@@ -25,8 +25,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from dfq_bench.evalcache import weights_sha256
 from dfq_bench.results import atomic_write
+from dfq_bench.run.evalcache import weights_sha256
 
 log = logging.getLogger(__name__)
 FORMAT = 1

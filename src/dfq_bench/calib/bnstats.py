@@ -1,5 +1,5 @@
 """The base of the calibration sources made from a model's BatchNorm statistics (``zeroq``,
-``genie``): validation, the cache (synth_cache.py), batching over ``num_samples`` from one seeded
+``genie``): validation, the cache (calib/cache.py), batching over ``num_samples`` from one seeded
 ``torch.Generator``, hooks on the BN inputs, the optimisation loop and the info for the row. A
 subclass supplies ``source`` (its registry name), ``min_batch``, the BNs it matches (``bn_layers``)
 and one batch (``distill_batch``: initial images or generator, loss, optimisers, run by ``optimize``).
@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dfq_bench.calib.cache import cached_generate
 from dfq_bench.config import UnsupportedError
+from dfq_bench.core.modules import NonFiniteError
 from dfq_bench.graph import BATCHNORM, canonical
-from dfq_bench.quant import NonFiniteError
-from dfq_bench.synth_cache import cached_generate
 
 log = logging.getLogger(__name__)
 

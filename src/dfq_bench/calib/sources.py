@@ -4,8 +4,8 @@ Every generator has the same call: ``generate(cfg, model, input_size, seed, devi
 returning a list of batches, and its own ``Config`` dataclass. The runner times it as t_synth_s.
 ``noise`` is the control for data-free claims (pixel-space noise normalized like the dataset's images,
 or the raw batch of SQuant's rule); ``real`` (a seeded subset of the dataset's train
-split) is the upper bound. ``zeroq`` and ``genie`` (synth_zeroq.py, synth_genie.py) distill images
-from the model's BN statistics and cache them on disk (synth_cache.py); their batches carry an
+split) is the upper bound. ``zeroq`` and ``genie`` (calib/zeroq.py, calib/genie.py) distill images
+from the model's BN statistics and cache them on disk (calib/cache.py); their batches carry an
 ``info`` dict that the runner records as ``data_info``.
 """
 
@@ -100,5 +100,5 @@ class Real:
 
 SYNTH.register("noise", Noise)
 SYNTH.register("real", Real)
-SYNTH.register_lazy("zeroq", "dfq_bench.synth_zeroq:ZeroQData")
-SYNTH.register_lazy("genie", "dfq_bench.synth_genie:GenieData")
+SYNTH.register_lazy("zeroq", "dfq_bench.calib.zeroq:ZeroQData")
+SYNTH.register_lazy("genie", "dfq_bench.calib.genie:GenieData")

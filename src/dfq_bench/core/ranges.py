@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dfq_bench.core.modules import ActQuant, quant_layers
+from dfq_bench.core.planner import LayerPlan
 from dfq_bench.graph import bn_producers
-from dfq_bench.quant import ActQuant, LayerPlan, quant_layers
 from dfq_bench.registry import Registry
 
 RANGE_RULES = Registry("act_range rule")
