@@ -4,23 +4,20 @@ Python API; the committed reference rows recomputed on the core. Every method on
 without a zoo entry, through the API alone: tests/test_api.py."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import REPO, compose_cfg
 from torch import nn
 
 import dfq_bench
-from dfq_bench.config import CONF_DIR, register_configs, validate_config
+from dfq_bench.config import validate_config
 from dfq_bench.core.method import STAGES, Method, QuantState
 from dfq_bench.core.modules import quant_layers
 from dfq_bench.core.planner import PLANNERS, LayerPlan
 from dfq_bench.core.ranges import RANGE_RULES
 from dfq_bench.registry import METHODS, SYNTH
 from dfq_bench.run.runner import run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def small_cnn(seed=0) -> nn.Module:
@@ -265,7 +262,6 @@ def test_committed_reference_rows_are_recomputed_exactly(tmp_path):
         r = json.loads(line)
         if r["status"] == "ok":
             committed[(r["method"], r["model"], r["wbits"], r["abits"], r["seed"])] = r
-    register_configs()
     for key in RECOMPUTED:
         method, model, wbits, abits, seed = key
         want = committed[key]
@@ -276,8 +272,7 @@ def test_committed_reference_rows_are_recomputed_exactly(tmp_path):
             assert want["data"]["name"] == "noise" and "space" not in want["data"]
             if method != "squant":
                 overrides.append("data.space=raw")
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose_cfg(overrides)
         validate_config(cfg)
         got = run(cfg)
         assert got["run_id"] == want["run_id"], key
