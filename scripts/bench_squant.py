@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_reference():
     """The oracle from tests/test_squant.py (written independently of methods/squant.py)."""
+    sys.path.insert(0, str(REPO / "tests"))  # the test module imports tests/helpers.py
     spec = importlib.util.spec_from_file_location("squant_oracle", REPO / "tests" / "test_squant.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
