@@ -292,3 +292,53 @@ def test_genie_m_same_seed_same_model():
     _, qb, _, _ = genie_run(steps=20)
     assert isinstance(qa.block.conv1, QuantLayer)
     assert all(torch.equal(a, b) for a, b in zip(qa.state_dict().values(), qb.state_dict().values(), strict=True))
+
+
+# ---- ZeroQ's eps and initial noise as the reference ---------------------------------------------
+
+
+def reference_zeroq_loss(x, bns, bn_inputs, eps=1e-6):
+    """The reference's loss written out: one fixed eps in every std (input, samples, BN targets)."""
+    def stats(t):
+        flat = t.reshape(t.shape[0], t.shape[1], -1)
+        return flat.mean(2), torch.sqrt(flat.var(2, unbiased=True) + eps)
+
+    n = x.shape[0]
+    m, s = stats(x)
+    total = (torch.norm(m) ** 2 + torch.norm(s - 1.0) ** 2) / n
+    for bn, inp in zip(bns, bn_inputs, strict=True):
+        m, s = stats(inp)
+        total = total + (torch.norm(m - bn.running_mean) ** 2
+                         + torch.norm(s - torch.sqrt(bn.running_var + eps)) ** 2) / n
+    return total
+
+
+def test_zeroq_loss_uses_the_reference_eps_by_default():
+    """Variances near 1e-6 (where the eps matters): the default loss equals the reference's formula,
+    the old rule (each BN's eps 1e-5, 0 for the input term) does not."""
+    from dfq_bench.calib.zeroq import ZeroQData, zeroq_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)  # input term ~0: the BN term counts
+    inp = torch.randn(4, 5, 6, 6, generator=g) * 1e-3 + torch.arange(5.0).reshape(1, 5, 1, 1)
+    bn = nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.arange(5.0))
+        bn.running_var.fill_(2e-6)
+    assert gen_cfg("zeroq")[1].eps == 1e-6 and ZeroQData.Config.eps == 1e-6
+    got = zeroq_loss(x, [bn], [inp], eps=gen_cfg("zeroq")[1].eps)
+    assert float(got) == pytest.approx(float(reference_zeroq_loss(x, [bn], [inp])), rel=1e-5)
+    old = zeroq_loss(x, [bn], [inp], eps=None)
+    assert abs(float(old) / float(got) - 1) > 0.5
+
+
+def test_zeroq_reference_init_is_the_released_discrete_noise():
+    model = consistent_cnn()
+    batches = generate("zeroq", model, num_samples=64, batch_size=64, steps=1, lr=1e-12, init="reference")
+    x = torch.cat(list(batches))
+    k = x * 5418.75 + 127.5  # back to the integers 0..255 (one Adam step of 1e-12 moves nothing visible)
+    assert torch.allclose(k, k.round(), atol=1e-3) and float(k.min()) >= -1e-3 and float(k.max()) <= 255 + 1e-3
+    assert float(x.std()) == pytest.approx(73.9 / 5418.75, rel=0.02)  # std 0.0136
+    with pytest.raises(Exception, match=r"data.init='uniform' is invalid; valid: gaussian, reference"):
+        gen_cfg("zeroq", init="uniform")

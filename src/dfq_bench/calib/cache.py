@@ -4,8 +4,10 @@ The key is a hash of (generator name and config without its cache keys, a digest
 weights and buffers, the input size, the seed, the device type): the digest is computed from the
 tensors themselves, so it identifies the weights exactly whatever label the model carries. Files
 are written atomically (temp file + rename); an unreadable or mismatching file is regenerated with
-a warning, never fatal. The returned ``Batches`` carry ``info`` (cache hit/miss, the seconds the
-generation took when it was made, generator losses), which the runner records as ``data_info``.
+a warning, never fatal. A cache that cannot be written (read-only, a file in its place, a full disk)
+gives one warning and ``info["cache_error"]`` instead of ``cache_file``; the run goes on. The
+returned ``Batches`` carry ``info`` (cache hit/miss, the seconds the generation took when it was
+made, generator losses), which the runner records as ``data_info``.
 
 Location: ``cfg.cache_dir``, else ``$DFQ_BENCH_CACHE``, else ``~/.cache/dfq_bench``; files go to
 its ``synth/`` subdirectory. ``cache: false`` turns the cache off.
@@ -87,9 +89,11 @@ def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
     t0 = time.perf_counter()
     batches, info = make()
     info = {**info, "t_generate_s": time.perf_counter() - t0}
+    entry = {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info}
     try:
-        entry = {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info}
         atomic_write(path, lambda tmp: torch.save(entry, tmp))
-    except OSError as e:  # a read-only cache must not fail the run
-        log.warning("cannot write synthetic-data cache %s (%s)", path, e)
+    except Exception as e:  # OSError, or torch.save's RuntimeError for a file it cannot open
+        reason = f"{type(e).__name__}: {e}"
+        log.warning("cannot write synthetic-data cache %s (%s); the run goes on without it", path, reason)
+        return Batches(batches, {**info, "cache": "miss", "cache_error": reason})
     return Batches(batches, {**info, "cache": "miss", "cache_file": str(path)})

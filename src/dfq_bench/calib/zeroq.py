@@ -9,18 +9,25 @@ for every conv followed by a BN, the per-sample per-channel spatial mean and std
 the batch size; plus the same term for the input image against mean 0 and std 1 per channel (the
 model's normalized input space). No label term. Each batch is distilled on its own.
 
-Deviations and choices: the sample std uses the unbiased variance plus the BN's eps, and the biased
-one where a sample has one value per channel (the 1x1 maps of squeeze-excite blocks, where the
-unbiased variance is NaN: the std term is then constant and only the mean term acts); noise is drawn
-from a seeded ``torch.Generator`` (the reference sets no seed). The reference initialises its noise
-with std ~0.014 (it divides by the variance instead of the std): that quirk is ``init_std: 0.014``
-here, off by default (``init_std: 1.0``). Models without a conv->BN pair fall back to every BN's
-input; a model without BN is refused up front (`require_bn`: one line, no row). The batching,
-seeding, cache and hooks are the BN-statistics base's (calib/bnstats.py).
+Keys as the reference: ``eps`` (1e-6) is the one eps inside every std, the input's, each sample's and
+each BN target's (``eps: null``: each BN's own eps, 1e-5 in torch, and 0 for the input term, this
+harness's rule before); ``init: reference`` draws the released code's initial noise,
+(randint(0, 255) - 127.5) / 5418.75 (discrete uniform, std 0.0136: it divides by a variance where a
+std was meant).
+
+Deviations and choices: the default ``init`` is Gaussian with ``init_std: 1.0`` (the model's
+normalized input space), not the reference's tiny noise; the sample std uses the unbiased variance,
+and the biased one where a sample has one value per channel (the 1x1 maps of squeeze-excite blocks,
+where the unbiased variance is NaN: the std term is then constant and only the mean term acts);
+noise is drawn from a seeded ``torch.Generator`` (the reference sets no seed). Models without a
+conv->BN pair fall back to every BN's input; a model without BN is refused up front (`require_bn`:
+one line, no row). The batching, seeding, cache and hooks are the BN-statistics base's
+(calib/bnstats.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +36,7 @@ from torch import Tensor, nn
 
 from dfq_bench.calib.bnstats import BNStatsData, InputStats, optimize, require_bn
 from dfq_bench.calib.cache import Batches
+from dfq_bench.config import ConfigError
 from dfq_bench.graph import BATCHNORM, TraceError, conv_bn_pairs
 
 
@@ -50,13 +58,16 @@ def per_sample_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return flat.mean(dim=2), torch.sqrt(flat.var(dim=2, correction=1 if flat.shape[2] > 1 else 0) + eps)
 
 
-def zeroq_loss(x: Tensor, bns: list[nn.Module], bn_inputs: list[Tensor]) -> Tensor:
+def zeroq_loss(x: Tensor, bns: list[nn.Module], bn_inputs: list[Tensor], eps: float | None = None) -> Tensor:
+    """ZeroQ's loss. ``eps``: one fixed eps inside every std (the input's, each sample's, each BN
+    target's: the reference's 1e-6); None: each BN's own eps, and 0 for the input term."""
     n = x.shape[0]
-    mean, std = per_sample_stats(x, 0.0)
+    mean, std = per_sample_stats(x, 0.0 if eps is None else eps)
     loss = ((mean**2).sum() + ((std - 1.0) ** 2).sum()) / n
     for bn, inp in zip(bns, bn_inputs, strict=True):
-        mean, std = per_sample_stats(inp, bn.eps)
-        target_std = torch.sqrt(bn.running_var + bn.eps)
+        e = bn.eps if eps is None else eps
+        mean, std = per_sample_stats(inp, e)
+        target_std = torch.sqrt(bn.running_var + e)
         loss = loss + (((mean - bn.running_mean) ** 2).sum() + ((std - target_std) ** 2).sum()) / n
     return loss
 
@@ -77,14 +88,28 @@ class ZeroQData(BNStatsData):
         lr: float = 0.5
         patience: int = 100
         min_lr: float = 1e-4
-        init_std: float = 1.0  # 0.014 reproduces the reference's initialisation quirk
+        init: str = "gaussian"  # gaussian: N(0, init_std^2) | reference: (randint(0, 255) - 127.5) / 5418.75
+        init_std: float = 1.0  # gaussian init's std (0.014 is about the reference's spread)
+        eps: float | None = 1e-6  # the reference's fixed eps in every std; null: each BN's eps, 0 for the input
         cache: bool = True
         cache_dir: str | None = None  # null: $DFQ_BENCH_CACHE or ~/.cache/dfq_bench
 
     @staticmethod
+    def check_config(cfg) -> None:
+        """Values the types cannot express; one-line ``ConfigError`` before any model is built."""
+        if cfg.init not in ("gaussian", "reference"):
+            raise ConfigError(f"data.init={cfg.init!r} is invalid; valid: gaussian, reference")
+        if cfg.eps is not None and not cfg.eps > 0:
+            raise ConfigError(f"data.eps={cfg.eps!r} is invalid; valid: a number > 0, or null (each BN's eps)")
+
+    @staticmethod
     def distill_batch(cfg, model, hooks, n, input_size, g, device) -> tuple[Tensor, float, float]:
         """Optimizes the pixels of a seeded noise batch; returns them after the last step."""
-        x = (torch.randn((n, *input_size), generator=g) * cfg.init_std).to(device).requires_grad_(True)
+        if cfg.init == "reference":  # discrete uniform, std 0.0136: the released code's noise
+            x = (torch.randint(0, 256, (n, *input_size), generator=g).float() - 127.5) / 5418.75
+        else:
+            x = torch.randn((n, *input_size), generator=g) * cfg.init_std
+        x = x.to(device).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=cfg.patience, min_lr=cfg.min_lr)
 
@@ -92,7 +117,8 @@ class ZeroQData(BNStatsData):
             opt.step()
             sched.step(loss)
 
-        return optimize(model, hooks, cfg.steps, "zeroq", lambda: x, zeroq_loss, [x], update)
+        loss = functools.partial(zeroq_loss, eps=cfg.eps)
+        return optimize(model, hooks, cfg.steps, "zeroq", lambda: x, loss, [x], update)
 
 
 __all__ = ["ZeroQData", "Batches", "bn_after_conv", "require_bn", "zeroq_loss", "InputStats"]

@@ -29,6 +29,7 @@ from dfq_bench.run.sweep import finished_row
 
 log = logging.getLogger("dfq_bench")
 EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class JobFailed(CompactHydraException):
@@ -127,4 +128,8 @@ def main() -> None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_CONFIG)
     sys.argv[1:] = argv
-    task()
+    try:
+        task()
+    except KeyboardInterrupt:  # the runner has written the run's "interrupted" row, if it had started
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

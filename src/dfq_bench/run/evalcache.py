@@ -15,6 +15,9 @@ version. The labels are stored too and checked batch by batch; a mismatch is an 
 silent reuse. Size: n_eval x num_classes x 4 bytes (10,000 x 10 = 0.4 MB; ImageNet val 200 MB).
 
 Entries are written by temp file + rename, so concurrent jobs at worst compute the same entry twice.
+The cache never fails a run: an entry that is unreadable or not one of ours (a torn file, another
+key's entry, wrong shapes) is recomputed and overwritten, and a cache that cannot be written (a
+read-only directory, a file in its place, a full disk) gives one warning and the run goes on.
 A row says ``eval_cache: "hit" | "miss"`` (null when ``eval_cache`` is off); on a hit its
 ``t_eval_fp32_s`` is the time measured when the entry was made.
 """
@@ -78,16 +81,39 @@ class EvalCache:
         return cls(directory, fields)
 
     def load(self) -> FP32Outputs | None:
+        """The entry, or None when there is none (also when the cache directory cannot exist, e.g. a
+        file in its place: ``save`` then says why) or it is unreadable or foreign (with a warning)."""
         try:
             blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
+            return self._check(blob)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except Exception as e:  # a torn or foreign file: recompute and overwrite it
-            log.warning("eval cache entry %s unreadable (%s); recomputing", self.path, e)
+            log.warning("eval cache entry %s unreadable (%s: %s); recomputing", self.path, type(e).__name__, e)
             return None
-        return FP32Outputs(blob["logits"], blob["labels"], float(blob["t_eval_fp32_s"]))
 
-    def save(self, out: FP32Outputs) -> None:
+    def _check(self, blob) -> FP32Outputs:
+        if not isinstance(blob, dict):
+            raise ValueError(f"a {type(blob).__name__}, not an entry")
+        if blob.get("key_fields") != json.dumps(self.key_fields, sort_keys=True, default=str):
+            raise ValueError("made for another key")
+        logits, labels, t = blob.get("logits"), blob.get("labels"), blob.get("t_eval_fp32_s")
+        if not (isinstance(logits, Tensor) and isinstance(labels, Tensor) and isinstance(t, (int, float))
+                and logits.is_floating_point() and not labels.is_floating_point() and logits.dim() == 2
+                and labels.dim() == 1 and len(logits) == len(labels)
+                and logits.shape[1] == self.key_fields.get("num_classes", logits.shape[1])):
+            raise ValueError("unexpected contents")
+        return FP32Outputs(logits, labels, float(t))
+
+    def save(self, out: FP32Outputs) -> bool:
+        """Writes the entry; returns False, with one warning, when it cannot be written (the run
+        keeps its result). atomic_write leaves no partial entry."""
         blob = {"logits": out.logits, "labels": out.labels, "t_eval_fp32_s": out.t_eval_fp32_s,
                 "key_fields": json.dumps(self.key_fields, sort_keys=True, default=str)}
-        atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
+        try:
+            atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
+        except Exception as e:  # OSError, or torch.save's RuntimeError for a file it cannot open
+            log.warning("cannot write eval cache entry %s (%s: %s); the run goes on without it",
+                        self.path, type(e).__name__, e)
+            return False
+        return True

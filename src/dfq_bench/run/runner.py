@@ -191,7 +191,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
     """Runs one configuration (already validated) and returns its row.
 
     The row is appended to ``${results_dir}/runs.jsonl`` (and written to ``run_dir/result.json``)
-    whether the run succeeds or fails; a failure is re-raised after the row is written. A refusal
+    whether the run succeeds or fails; a failure is re-raised after the row is written (Ctrl-C too:
+    its row's error is "interrupted"). A cache that cannot be written never fails the run. A refusal
     (``UnsupportedError``: the method cannot run on this model) is raised before any calibration
     data is made, and writes no row.
     """
@@ -263,7 +264,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             row["eval_cache"] = "miss" if fp32 is None else "hit"
         row.update(evaluate(model, qmodel.to(cfg.device).eval(), bundle.loader, cfg.device, bar,
                             fp32=fp32, record=record))
-        if record:
+        if record:  # never raises: an unwritable cache is a warning, the result stands
             cache.save(FP32Outputs(torch.cat([r[0] for r in record]), torch.cat([r[1] for r in record]),
                                    row["t_eval_fp32_s"]))
         row["delta_top1"] = row["top1"] - row["top1_fp32"]
@@ -277,6 +278,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         raise  # refused before any work: no row, like a bad config value
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
+        _write_row(cfg, results_dir, run_dir, row, t_start)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C: a failed row that says so (a resumed sweep reruns it)
+        row["error"] = "interrupted"
         _write_row(cfg, results_dir, run_dir, row, t_start)
         raise
     _write_row(cfg, results_dir, run_dir, row, t_start)

@@ -1,0 +1,230 @@
+"""Faults that must not turn finished work into a failed row or leave debris: unwritable caches (a
+read-only directory, a file where the directory should be, a full disk), unreadable or foreign eval
+cache entries, and Ctrl-C (one line, exit 130, a row whose error says "interrupted")."""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_cfg, rows_in
+
+from dfq_bench.results import atomic_write
+from dfq_bench.run.runner import run
+
+DATA = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "dataset.batch_size=32", "wbits=4",
+        "abits=8", "progress=false"]
+SYNTH = ["method=zeroq", "data=zeroq_cpu", "data.steps=2", "data.num_samples=4", "data.batch_size=4"]
+REASONS = {"readonly_dir": ("Permission denied",), "readonly_parent": ("Permission denied",),
+           "file": ("File exists", "Not a directory"), "enospc": ("No space left on device",)}
+
+
+def under(path, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root.resolve())
+
+
+@pytest.fixture
+def break_cache(tmp_path, monkeypatch):
+    """``break_cache(kind, leaf)`` makes a cache that cannot be written and returns (root, the
+    directory to configure). ``leaf`` is the subdirectory the entries go to (calib/cache.py writes to
+    ``cache_dir/synth``). Kinds: ``readonly_dir`` (the entries' directory exists, mode 0555),
+    ``readonly_parent`` (the cache directory does not exist and its parent is 0555: the first write
+    has to create it), ``file`` (a regular file where the directory should be), ``enospc`` (a full
+    disk: torch.save writes part of the file, then fails with ENOSPC).
+
+    As root (this CI's containers) mode 0555 restricts nothing, so the read-only kinds then raise
+    exactly what a non-root process gets: PermissionError from mkdir, and torch.save's RuntimeError
+    ("open file failed with strerror: Permission denied") for a file in an existing directory.
+    """
+    root = tmp_path / "cache_root"
+    real_save = torch.save
+    read_only = []
+
+    def make(kind: str, leaf: str = "") -> tuple[Path, Path]:
+        if kind == "file":
+            root.write_text("a file where the cache directory should be")
+            return root, root
+        if kind == "enospc":
+            root.mkdir()
+
+            def full_disk(obj, f, *args, **kwargs):
+                if isinstance(f, (str, os.PathLike)) and under(f, root):
+                    Path(f).write_bytes(b"PK\x03\x04 partial")  # the disk fills mid-write
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+                return real_save(obj, f, *args, **kwargs)
+
+            monkeypatch.setattr(torch, "save", full_disk)
+            return root, root
+        locked = root / leaf if kind == "readonly_dir" else root
+        locked.mkdir(parents=True)
+        locked.chmod(0o555)
+        read_only.append(locked)
+        if os.access(locked, os.W_OK):  # root user: simulate what the kernel would refuse
+            real_mkdir = Path.mkdir
+
+            def mkdir(self, *args, **kwargs):
+                if under(self, root) and not self.exists():
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+                return real_mkdir(self, *args, **kwargs)
+
+            def save(obj, f, *args, **kwargs):
+                if isinstance(f, (str, os.PathLike)) and under(f, root):
+                    raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with "
+                                       "strerror: Permission denied")
+                return real_save(obj, f, *args, **kwargs)
+
+            monkeypatch.setattr(Path, "mkdir", mkdir)
+            monkeypatch.setattr(torch, "save", save)
+        return root, root if kind == "readonly_dir" else root / "cache"
+
+    yield make
+    for d in read_only:
+        d.chmod(0o755)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
+# --- unwritable caches: the run keeps its result, writes an ok row, warns once ----------------
+
+@pytest.mark.parametrize("kind", list(REASONS))
+@pytest.mark.parametrize("which", ["eval", "synth"])
+def test_unwritable_cache_warns_once_and_the_run_keeps_its_ok_row(which, kind, break_cache, tmp_path, caplog):
+    root, cache = break_cache(kind, "synth" if which == "synth" else "")
+    results = tmp_path / "r"
+    overrides = ([*DATA, "method=rtn", f"eval_cache={cache}"] if which == "eval" else
+                 [*DATA, *SYNTH, f"data.cache_dir={cache}"])
+    before = root.read_text() if kind == "file" else None
+    with caplog.at_level(logging.WARNING):
+        row = run(compose_cfg([*overrides, f"results_dir={results}"]))
+    assert row["status"] == "ok" and row["error"] is None and row["top1"] is not None
+    (stored,) = rows_in(results)
+    assert stored["status"] == "ok" and stored["error"] is None and stored["top1"] == row["top1"]
+    if which == "eval":
+        assert row["eval_cache"] == "miss"
+    else:
+        assert row["data_info"]["cache"] == "miss" and "cache_file" not in row["data_info"]
+        assert any(r in row["data_info"]["cache_error"] for r in REASONS[kind])
+    (warning,) = warnings_of(caplog)  # once, naming the path and the reason
+    assert str(cache) in warning and any(r in warning for r in REASONS[kind]), warning
+    # no partial entry (the ENOSPC writer left part of a file: atomic_write removed it)
+    assert files_under(root) == [] and (before is None or root.read_text() == before)
+
+
+@pytest.mark.parametrize("kind", ["readonly_parent", "file"])
+def test_unwritable_eval_cache_at_lookup_is_a_miss_not_a_failure(kind, break_cache):
+    from dfq_bench.run.evalcache import EvalCache, FP32Outputs
+
+    root, cache = break_cache(kind)
+    entry = EvalCache(cache, {"k": 1})
+    assert entry.load() is None
+    assert entry.save(FP32Outputs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 0.5)) is False
+    assert files_under(root) == []
+
+
+def test_atomic_write_removes_its_temp_file_when_the_disk_is_full(tmp_path):
+    path = tmp_path / "entry.pt"
+    path.write_bytes(b"old")
+
+    def write(tmp):
+        tmp.write_bytes(b"half of the new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.pt"] and path.read_bytes() == b"old"
+
+
+# --- unreadable or foreign eval cache entries are recomputed ----------------------------------
+
+def foreign_entry(entry: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "torn":
+        entry.write_bytes(b"torn")
+    elif kind == "other_dict":
+        torch.save({"weights": torch.zeros(3)}, entry)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), entry)
+    elif kind == "bad_shapes":
+        blob = torch.load(entry, weights_only=True)
+        torch.save({**blob, "logits": blob["logits"][:, :3]}, entry)
+    else:  # another run's valid entry copied under this key (16 images, not 32)
+        other = tmp_path / "other"
+        run(compose_cfg([*DATA, "method=rtn", f"eval_cache={other}", "dataset.limit=16",
+                         f"results_dir={tmp_path / 'r_other'}"]))
+        (made,) = other.glob("*.pt")
+        entry.write_bytes(made.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["torn", "other_dict", "tensor", "bad_shapes", "other_key"])
+def test_unreadable_or_foreign_eval_cache_entry_is_recomputed(kind, tmp_path, caplog):
+    base = [*DATA, "method=rtn", f"results_dir={tmp_path / 'r'}"]
+    plain = run(compose_cfg(base))
+    cached = [*base, f"eval_cache={tmp_path / 'c'}"]
+    assert run(compose_cfg(cached))["eval_cache"] == "miss"
+    (entry,) = (tmp_path / "c").glob("*.pt")
+    foreign_entry(entry, tmp_path, kind)
+    with caplog.at_level(logging.WARNING):
+        again = run(compose_cfg(cached))
+    assert again["status"] == "ok" and again["eval_cache"] == "miss"
+    for key in ("top1", "top1_fp32", "agree_fp32", "kl_fp32", "n_eval"):
+        assert again[key] == plain[key], key
+    (warning,) = warnings_of(caplog)
+    assert str(entry) in warning and "recomputing" in warning
+    assert run(compose_cfg(cached))["eval_cache"] == "hit"  # the entry was rewritten
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+def test_interrupt_during_the_cache_write_writes_an_interrupted_row_and_no_entry(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and under(f, tmp_path / "c"):
+            Path(f).write_bytes(b"PK\x03\x04 partial")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg([*DATA, "method=rtn", f"eval_cache={tmp_path / 'c'}", f"results_dir={tmp_path / 'r'}"]))
+    (row,) = rows_in(tmp_path / "r")
+    assert row["status"] == "failed" and row["error"] == "interrupted"
+    assert files_under(tmp_path / "c") == []
+
+
+def test_ctrl_c_on_the_cli_prints_one_line_exits_130_and_writes_an_interrupted_row(tmp_path):
+    # 20,000 images: evaluation takes many seconds, the SIGINT lands in it (the progress bar says when)
+    args = ["method=rtn", "model=test_cnn", "dataset=fake", "dataset.num_samples=20000", "dataset.batch_size=64",
+            "wbits=4", "abits=8", "progress=true", f"results_dir={tmp_path / 'r'}", f"eval_cache={tmp_path / 'c'}"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dfq_bench", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while "eval" not in err_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, err_path.read_text()
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_text()
+    lines = [seg.strip() for line in stderr.split("\n") for seg in line.split("\r") if seg.strip()]
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr and lines[-1] == "interrupted" and stderr.count("interrupted") == 1, stderr
+    (row,) = rows_in(tmp_path / "r")
+    assert row["status"] == "failed" and row["error"] == "interrupted"
+    assert files_under(tmp_path / "c") == []
