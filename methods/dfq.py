@@ -90,7 +90,7 @@ class CleRange(str, Enum):
 
 
 class Relu6Scope(str, Enum):
-    all = "all"  # every ReLU6 (the paper, AIMET)
+    all = "all"  # every ReLU6 (the paper; AIMET's CLE did so only before aimet-torch 2.4)
     safe = "safe"  # only where the BN statistics keep the clipped input below 6 (beta + 6|gamma| <= 6)
 
 
