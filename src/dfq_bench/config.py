@@ -7,6 +7,10 @@ method can carry its own options without editing this file.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,6 +22,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "dataset", "method", "protocol", "data", "logger", "experiment")
 MIN_BITS, MAX_BITS = 2, 16
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take 0..2**32-1
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class Granularity(str, Enum):
@@ -118,8 +124,15 @@ def _check_bits(key: str, value: Any, allow_none: bool) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; valid: {valid}")
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here: bool = True) -> None:
     """Checks values that types cannot express, and the method's and generator's own keys.
+
+    Args:
+        cfg: the composed config.
+        overrides: the command-line overrides it was composed from; a typed bool given a non-bool
+            (``protocol.w_symmetric=2``, which OmegaConf would turn into true) is an error.
+        device_here: whether the run executes on this machine, so that ``device=cuda:N`` must be a
+            device torch sees here; False for a job that a remote launcher (SLURM) runs elsewhere.
 
     Raises:
         ConfigError: on the first bad value (one-line message).
@@ -128,8 +141,13 @@ def validate_config(cfg: DictConfig) -> None:
     from dfq_bench import catalog  # noqa: F401  (fills the registries)
     from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 
+    _check_bool_overrides(overrides)
     _check_bits("wbits", cfg.wbits, allow_none=False)
     _check_bits("abits", cfg.abits, allow_none=True)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
+    if not str(cfg.results_dir).strip():
+        raise ConfigError(f"results_dir={cfg.results_dir!r} is invalid; valid: a directory path (default: results)")
     p = cfg.protocol
     for key in ("first_wbits", "last_wbits", "last_abits"):
         _check_bits(f"protocol.{key}", p[key], allow_none=True)
@@ -145,8 +163,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     if p.act_range is not None:
         RANGE_RULES.get(p.act_range)  # raises the did-you-mean error
-    if cfg.device != "cpu" and not str(cfg.device).startswith("cuda"):
-        raise ConfigError(f"device={cfg.device!r} is invalid; valid: cpu, cuda, cuda:N")
+    _check_device(str(cfg.device), device_here)
     MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
     if cfg.model.source in ("timm", "torchvision"):
         if OmegaConf.is_missing(cfg.model, "name"):
@@ -158,8 +175,77 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(cfg.model.bn_reestimate, int) or cfg.model.bn_reestimate < 0:
         raise ConfigError(f"model.bn_reestimate={cfg.model.bn_reestimate!r} is invalid; valid: an integer >= 0")
     DATASETS.get(cfg.dataset.name)
+    limit, batch_size = cfg.dataset.limit, cfg.dataset.batch_size
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"dataset.limit={limit!r} is invalid; valid: a positive integer or null")
+    if batch_size <= 0:
+        raise ConfigError(f"dataset.batch_size={batch_size!r} is invalid; valid: a positive integer")
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
+
+
+def _check_device(device: str, here: bool) -> None:
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"device={device!r} is invalid; valid: cpu, cuda, cuda:N")
+    if device == "cpu" or not here:
+        return
+    import torch
+
+    # device_count, not is_available: it asks NVML and so does not initialise CUDA in a process
+    # that a launcher may fork afterwards
+    n = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index < n:
+        return
+    seen = "no CUDA device" if n == 0 else f"{n} CUDA device" + ("s" if n > 1 else "")
+    valid = "cpu" if n == 0 else "cpu, cuda, " + ("cuda:0" if n == 1 else f"cuda:0..cuda:{n - 1}")
+    raise ConfigError(f"device={device!r} is invalid (torch sees {seen}); valid: {valid}")
+
+
+def _bool_type(tp: Any) -> tuple[bool, bool]:
+    """(is it bool or bool | None, may it be None) for a dataclass field's type."""
+    if tp is bool:
+        return True, False
+    args = set(typing.get_args(tp))
+    return (args == {bool, type(None)}), True
+
+
+def _field_type(schema: Any, path: str) -> Any:
+    """The annotated type of the dotted ``path`` in a dataclass schema, or None where the path
+    leaves the typed schema (an open ``method``/``data`` node, a key the schema does not have)."""
+    tp = schema
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _bool_message(key: str, value: Any, optional: bool) -> str:
+    return f"{key}={value!r} is invalid; valid: true" + (", false or null" if optional else " or false")
+
+
+def _check_bool_overrides(overrides: Sequence[str]) -> None:
+    """A bool key of the typed groups given anything but true/false (or null where allowed).
+
+    The composed config cannot tell: OmegaConf turns 2, "yes" or "on" into true while merging, so
+    the override's own value is checked. The open method and data nodes keep their raw values and
+    are checked in ``plugin_config``.
+    """
+    if not overrides:
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.is_delete() or o.is_sweep_override() or o.is_hydra_override() or o.package is not None:
+            continue
+        is_bool, optional = _bool_type(_field_type(Config, o.key_or_group))
+        value = o.value()
+        if not is_bool or isinstance(value, bool) or (value is None and optional):
+            continue
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: its target is checked where it is set
+        raise ConfigError(_bool_message(o.key_or_group, value, optional))
 
 
 DEPLOY_TARGETS = ("onnxruntime",)
@@ -183,6 +269,12 @@ def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
     except Exception as e:  # omegaconf's errors are multi-line; keep the first line
         first = str(e).splitlines()[0]
         raise ConfigError(f"{group}.{node.get('name')}: {first}") from None
+    for key, tp in typing.get_type_hints(plugin.Config).items():
+        is_bool, optional = _bool_type(tp)
+        if is_bool and key in node:  # the raw node: the merge above has already turned 2 into true
+            value = node[key]
+            if not isinstance(value, bool) and not (value is None and optional):
+                raise ConfigError(_bool_message(f"{group}.{key}", value, optional))
     if hasattr(plugin, "check_config"):  # values types cannot express (raises ConfigError)
         plugin.check_config(merged)
     return merged

@@ -8,7 +8,9 @@ point but that has no YAML in conf/method/ is selected with ``method=<name>`` to
 A run whose run_id already has an ok row in ``${results_dir}/runs.jsonl`` is skipped
 (``skip_done=false`` reruns it), so rerunning a sweep resumes it. In a multirun (``-m``) a failed
 job writes its failed row and raises ``JobFailed``: Hydra's launchers record it and go on with the
-other jobs, then print the first failure in one line and exit 1.
+other jobs, then print the first failure in one line and exit 1. Before the first job of a multirun
+starts, every job of the sweep is composed and validated here (``sweep_error``), so a bad value
+anywhere in a list (``wbits=4,1``, ``method=rtn,squnat``) is the single run's line and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,21 +42,26 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def unknown_option(key: str, value: str) -> UnknownNameError:
+    extra = METHODS.names() if key == "method" else []
+    return UnknownNameError(unknown_name_message(key, value, sorted(set(group_options(key) + extra))))
+
+
 def check_group_overrides(argv: list[str]) -> list[str]:
-    """Returns argv with plugin methods rewritten; raises UnknownNameError on unknown options."""
+    """Returns argv with plugin methods rewritten; raises UnknownNameError on unknown options.
+
+    A list of options (a sweep) is left to ``sweep_error``, which checks each of its values."""
     from dfq_bench import catalog  # noqa: F401
 
     out = []
     for arg in argv:
         key, eq, value = arg.lstrip("+~").partition("=")
-        if eq and key in GROUPS and "," not in value and not value.startswith(("choice(", "range(")):
-            options = group_options(key)
-            if value not in options:
+        if eq and key in GROUPS and "," not in value and not value.startswith(("choice(", "range(", "glob(")):
+            if value not in group_options(key):
                 if key == "method" and value in METHODS:
                     out += ["method=_plugin", f"method.name={value}"]
                     continue
-                extra = METHODS.names() if key == "method" else []
-                raise UnknownNameError(unknown_name_message(key, value, sorted(set(options + extra))))
+                raise unknown_option(key, value)
         out.append(arg)
     return out
 
@@ -68,7 +75,7 @@ def task(cfg: DictConfig):
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        validate_config(cfg)
+        validate_config(cfg, HydraConfig.get().overrides.task)
         check_writable(cfg.results_dir)
     except (ConfigError, UnknownNameError, ResultsDirError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -108,11 +115,80 @@ def composition_error(overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="config", overrides=overrides)
     except Exception as e:
-        cause = e.__cause__ or e
-        key = getattr(cause, "full_key", None)
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        return f"{key}: {first}" if key else first
+        return _first_line(e)
     return None
+
+
+def _first_line(e: Exception) -> str:
+    """A composition error as one line; OmegaConf's and Hydra's messages span several."""
+    cause = e.__cause__ or e
+    key = getattr(cause, "full_key", None)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{key}: {first}" if key else first
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+LOCAL_LAUNCHERS = (  # their jobs run on this machine, so device=cuda:N must exist here
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+)
+
+
+def sweep_error(argv: list[str]) -> str | None:
+    """The first bad job of a multirun as the line a single run would print, or None.
+
+    Expands the sweep as Hydra's basic sweeper will (its ``params``, e.g. an experiment's, then the
+    command line), then checks each job's group choices (the did-you-mean line), composition and
+    ``validate_config``, before any job starts. A job that a remote launcher (SLURM) runs is not held
+    to the devices of this machine; it checks its device itself when it starts. Another sweeper
+    chooses its jobs as it goes and is left to check each job when it runs.
+    """
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        try:
+            master = loader.load_configuration(config_name="config", overrides=overrides, run_mode=RunMode.MULTIRUN)
+            if master.hydra.sweeper._target_ != BASIC_SWEEPER:
+                return None
+            params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
+            parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+                params + list(master.hydra.overrides.task))
+            (jobs,) = BasicSweeper.split_arguments(parsed, None)
+        except Exception as e:
+            return _first_line(e)
+        here = master.hydra.launcher._target_ in LOCAL_LAUNCHERS
+        for job in jobs:
+            try:
+                _check_job_options(job)
+                cfg = loader.load_sweep_config(master, list(job))
+            except (ConfigError, UnknownNameError) as e:
+                return str(e)
+            except Exception as e:
+                return _first_line(e)
+            try:
+                validate_config(cfg, job, device_here=here)
+            except (ConfigError, UnknownNameError) as e:
+                return str(e)
+            except Exception:  # e.g. an interpolation only the running job can resolve: it checks itself
+                log.debug("job %s not checked before the sweep", job, exc_info=True)
+    return None
+
+
+def _check_job_options(job: list[str]) -> None:
+    for arg in job:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and key in GROUPS and value != "_plugin" and value not in group_options(key):
+            if key == "method" and value in METHODS:  # the _plugin rewrite needs a value of its own
+                raise ConfigError(f"method={value} has no conf/method/{value}.yaml and cannot be one value of "
+                                  f"a multirun list; valid: method={value} alone, or add the YAML")
+            raise unknown_option(key, value)
 
 
 def main() -> None:
@@ -122,11 +198,14 @@ def main() -> None:
     except UnknownNameError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
-    if not any(a.startswith("-") for a in argv):
+    flags = {a for a in argv if a.startswith("-")}
+    if not flags:  # a single run
         err = composition_error(argv)
-        if err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(EXIT_BAD_CONFIG)
+    else:  # a multirun is checked job by job; other Hydra flags (--cfg, --info, ...) are Hydra's
+        err = sweep_error(argv) if flags <= set(MULTIRUN_FLAGS) else None
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
     sys.argv[1:] = argv
     try:
         task()
