@@ -39,20 +39,38 @@ def ok_count(rows):
 # --- kill a multirun midway, rerun, every config has exactly one ok row ----------------------
 
 SEEDS = range(4)
-SWEEP = ["-m", "method=dummy", f"seed={','.join(map(str, SEEDS))}", "dataset.limit=0,32", *SMALL]
+FMNIST = ["model=resnet20_fmnist", "dataset=fake", "dataset.num_samples=32", "dataset.batch_size=32", "wbits=4"]
 
 
-def expected_ids():
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A state-dict file and a torn copy of it: the torn one fails inside the run, when the model is
+    built (a file that cannot be read; bad input that no up-front check sees, as a value would be)."""
+    from dfq_bench.run.runner import build_model
+
+    d = tmp_path_factory.mktemp("weights")
+    torch.save(build_model(compose_cfg([*FMNIST, "model.weights=null"])).model.state_dict(), d / "good.pt")
+    data = (d / "good.pt").read_bytes()
+    (d / "torn.pt").write_bytes(data[: len(data) // 2])
+    return d / "good.pt", d / "torn.pt"
+
+
+def sweep_args(weights) -> list[str]:
+    good, torn = weights
+    return ["-m", "method=dummy", f"seed={','.join(map(str, SEEDS))}", f"model.weights={good},{torn}", *FMNIST]
+
+
+def expected_ids(weights):
     """run_ids of the sweep's configs, composed here independently of the CLI."""
     ok, bad = set(), set()
     for seed in SEEDS:
-        for limit, target in ((32, ok), (0, bad)):
-            target.add(run_id(compose_cfg(["method=dummy", f"seed={seed}", f"dataset.limit={limit}", *SMALL])))
+        for path, target in zip(weights, (ok, bad), strict=True):
+            target.add(run_id(compose_cfg(["method=dummy", f"seed={seed}", f"model.weights={path}", *FMNIST])))
     return ok, bad
 
 
-def kill_midway(cwd: Path, sig: int) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "dfq_bench", *SWEEP], cwd=cwd, start_new_session=True,
+def kill_midway(cwd: Path, sig: int, args: list[str]) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "dfq_bench", *args], cwd=cwd, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = cwd / "results" / "runs.jsonl"
     deadline = time.time() + 300
@@ -67,16 +85,16 @@ def kill_midway(cwd: Path, sig: int) -> int:
 
 @pytest.mark.parametrize("sig", [
     signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"])
-def test_killed_multirun_resumes_with_exactly_one_ok_row_per_config(tmp_path, sig):
-    ok_ids, bad_ids = expected_ids()
-    n_before = kill_midway(tmp_path, sig)
+def test_killed_multirun_resumes_with_exactly_one_ok_row_per_config(tmp_path, sig, weights):
+    ok_ids, bad_ids = expected_ids(weights)
+    n_before = kill_midway(tmp_path, sig, sweep_args(weights))
     assert 3 <= n_before < 2 * len(SEEDS), "the sweep was not killed midway"
     rows, errors = rows_of(tmp_path / "results")
     assert not errors and ok_count(rows) and set(ok_count(rows)) < ok_ids
 
-    res = cli(SWEEP, tmp_path)
-    assert res.returncode == 1  # the limit=0 configs fail again: reported at the end, after every job ran
-    assert res.stderr.count("error: run failed (DatasetError: dataset.limit=0 is invalid") >= len(SEEDS)
+    res = cli(sweep_args(weights), tmp_path)
+    assert res.returncode == 1  # the torn-file configs fail again: reported at the end, after every job ran
+    assert res.stderr.count("error: run failed (WeightsError: cannot read weights file") >= len(SEEDS)
     assert "Traceback" not in res.stderr
     n_skipped = res.stdout.count("skipped: run_id")
     rows, errors = rows_of(tmp_path / "results")
@@ -187,12 +205,12 @@ def test_slurm_launcher_writes_the_configured_sbatch_options(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_executor_runs_the_sweep_for_real(tmp_path):
+def test_submitit_local_executor_runs_the_sweep_for_real(tmp_path, weights):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "method=dummy,rtn",
-            "dataset.limit=0,32", *SMALL]
+            f"model.weights={weights[0]},{weights[1]}", *FMNIST]
     res = cli(args, tmp_path)
-    assert res.returncode == 1 and "dataset.limit=0 is invalid" in res.stderr
+    assert res.returncode == 1 and "cannot read weights file" in res.stderr
     rows, errors = rows_of(tmp_path / "results")
     assert not errors and sorted((r["method"], r["status"]) for r in rows) == [
         ("dummy", "failed"), ("dummy", "ok"), ("rtn", "failed"), ("rtn", "ok")]
