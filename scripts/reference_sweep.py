@@ -93,7 +93,14 @@ def plan(methods: list[str], models: list[str], seeds: int, common: list[str]) -
     return steps
 
 
-def main(argv: list[str] | None = None) -> int:
+def repo_relative(path: str | Path) -> str:
+    """``path`` (from the working directory) relative to the repository root when it lies inside it,
+    else absolute: the commands run from the root, and SWEEP.md holds no path of this machine."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/reference", help="results_dir: rows, tables and plots")
     ap.add_argument("--methods", default=None, help="comma list (default: every method but dummy)")
@@ -108,21 +115,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands only")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("extra", nargs="*", help="more overrides for every run, e.g. dataset.limit=1000")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    out = Path(args.out)
+
+def sweep_commands(args: argparse.Namespace) -> tuple[list[Step], list[list[str]]]:
+    """The plan and one command per multirun, run from the repository root (paths relative to it)."""
     methods = args.methods.split(",") if args.methods else all_methods()
-    common = [f"dataset={args.dataset}", f"results_dir={out.resolve()}", *args.extra]
+    common = [f"dataset={args.dataset}", f"results_dir={repo_relative(args.out)}", *args.extra]
     if args.eval_cache:
-        common.append(f"eval_cache={Path(args.eval_cache).resolve()}")
+        common.append(f"eval_cache={repo_relative(args.eval_cache)}")
     stamp = "${now:%Y-%m-%d_%H-%M-%S}"
-    hydra_args = [f"hydra.sweep.dir={Path(args.sweep_dir).resolve()}/{stamp}"]
+    hydra_args = [f"hydra.sweep.dir={repo_relative(args.sweep_dir)}/{stamp}"]
     if args.launcher == "local":
         hydra_args += ["hydra/launcher=local", f"hydra.launcher.n_jobs={args.jobs}"]
     steps = plan(methods, args.models.split(","), args.seeds, common)
-    commands = [[sys.executable, "-m", "dfq_bench", "-m", *s.overrides, *hydra_args] for s in steps]
+    return steps, [[sys.executable, "-m", "dfq_bench", "-m", *s.overrides, *hydra_args] for s in steps]
+
+
+def sweep_md(argv: list[str], started: str, minutes: float, total: int, commands: list[list[str]],
+             out: str) -> str:
+    """SWEEP.md: how the results were made. The commands hold repository-relative paths already; a
+    path inside the repository typed in ``argv`` is shown relative to the root the same way."""
+    typed = shlex.join(a.replace(f"{REPO}/", "") for a in argv)
+    return (
+        "# How these results were made\n\n"
+        f"`python scripts/reference_sweep.py {typed}`"
+        f" (started {started}, {minutes:.1f} min, {total} runs planned), which ran:\n\n"
+        + "".join(f"    {shlex.join(['python', *c[1:]])}\n" for c in commands)
+        + "\nthen `python -m dfq_bench.report "
+        f"{out}/runs.jsonl --out {out}` (tables.md, tables.tex, summary.csv, failed.csv, plots).\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, rel_out = Path(args.out).resolve(), repo_relative(args.out)
+    steps, commands = sweep_commands(args)
     total = sum(s.n_runs for s in steps)
-    print(f"{total} runs in {len(steps)} multiruns -> {out}/runs.jsonl")
+    print(f"{total} runs in {len(steps)} multiruns -> {rel_out}/runs.jsonl")
     for s, cmd in zip(steps, commands, strict=True):
         print(f"  [{s.method}: {s.n_runs} runs] {shlex.join(['python', *cmd[1:]])}")
     if args.dry_run:
@@ -137,15 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(s.method)
     minutes = (time.time() - t0) / 60
     (out / "SWEEP.md").write_text(
-        "# How these results were made\n\n"
-        f"`python scripts/reference_sweep.py {shlex.join(argv if argv is not None else sys.argv[1:])}`"
-        f" (started {started}, {minutes:.1f} min, {total} runs planned), which ran:\n\n"
-        + "".join(f"    {shlex.join(['python', *c[1:]])}\n" for c in commands)
-        + "\nthen `python -m dfq_bench.report "
-        f"{out}/runs.jsonl --out {out}` (tables.md, tables.tex, summary.csv, failed.csv, plots).\n"
-    )
+        sweep_md(argv if argv is not None else sys.argv[1:], started, minutes, total, commands, rel_out))
     if not args.no_report:
-        subprocess.run([sys.executable, "-m", "dfq_bench.report", str(out / "runs.jsonl"), "--out", str(out)],
+        subprocess.run([sys.executable, "-m", "dfq_bench.report", f"{rel_out}/runs.jsonl", "--out", rel_out],
                        cwd=REPO, check=True)
     print(f"done in {minutes:.1f} min" + (f"; multiruns with failed jobs: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -20,6 +20,9 @@ RUNS_FILE = "runs.jsonl"
 # The core fields of a row, by group: "fields": meaning. README.md's table is schema_table()
 # (tests/test_rows.py checks it, and that a real row has every field). Methods add their own counts
 # as further fields; `paper` (experiment= overlays) and the deploy=onnxruntime fields are optional.
+# Paths in a row (run_dir, deploy_dir, data.cache_dir, data_info.cache_file, dataset_info.root and
+# train_root, a local weights file) are relative to the repository root when inside it, else as given
+# (run/runner.py `_relative_paths`): committed rows hold no absolute path of the machine that made them.
 SCHEMA: dict[str, dict[str, str]] = {
     "identity": {
         "run_id": "hash of the resolved config (minus `results_dir`, `progress`)",

@@ -288,9 +288,36 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
     return row
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it, else as given: committed
+    rows hold no absolute path of the machine that made them (a path outside is the user's own)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+# the row's path fields: top-level keys, and (field, key) of its dicts
+_PATH_KEYS = ("run_dir", "deploy_dir")
+_NESTED_PATH_KEYS = (("data", "cache_dir"), ("data_info", "cache_file"), ("dataset_info", "root"),
+                     ("dataset_info", "train_root"))
+
+
+def _relative_paths(row: dict) -> None:
+    for key in _PATH_KEYS:
+        if row.get(key) is not None:
+            row[key] = repo_relative(row[key])
+    for field, key in _NESTED_PATH_KEYS:
+        info = row.get(field)
+        if isinstance(info, dict) and info.get(key) is not None:
+            row[field] = {**info, key: repo_relative(info[key])}  # a copy: the dict may be the source's own
+    weights, in_repo = row.get("weights"), f"file:{REPO}/"  # a local file's identity: "file:<path> sha256:..."
+    if isinstance(weights, str) and in_repo in weights:
+        row["weights"] = weights.replace(in_repo, "file:")
+
+
 def _write_row(cfg, results_dir: Path, run_dir, row: dict, t_start: float) -> None:
     row["t_total_s"] = time.perf_counter() - t_start
     row["peak_rss_mb"] = peak_rss_mb()
+    _relative_paths(row)
     append_row(results_dir, row)
     if run_dir is not None:
         write_json(Path(run_dir) / "result.json", row)
