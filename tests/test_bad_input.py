@@ -23,11 +23,6 @@ def methods_available():
 
 @pytest.mark.parametrize("overrides,message", [
     (["method=dfq", "method.cle_tol=-1"], "error: method.cle_tol=-1.0 is invalid; valid: a positive float"),
-    (["method=dfq", "method.cle_max_iter=0"], "error: method.cle_max_iter=0 is invalid; valid: an integer >= 1"),
-    (["method=genie_cpu", "method.drop_p=2"], "error: method.drop_p=2.0 is invalid; valid: a probability in [0, 1]"),
-    (["method=genie_cpu", "method.steps=-1"], "error: method.steps=-1 is invalid; valid: an integer >= 0"),
-    # was: a failed row (numpy's "Seed must be between 0 and 2**32 - 1"), exit 1
-    ([*SMALL, "method=rtn", "seed=-1"], "error: seed=-1 is invalid; valid: an integer in 0..4294967295"),
     # was: a full run whose row went to ./runs.jsonl, exit 0
     ([*SMALL, "method=rtn", "results_dir="],
      "error: results_dir='' is invalid; valid: a directory path (default: results)"),
@@ -49,6 +44,12 @@ def test_bad_input_is_one_line_exit_2_and_no_row(tmp_path, overrides, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
+    # the method's own keys (were a failed row and exit 1; the CLI case above runs method.cle_tol)
+    (["method=dfq", "method.cle_max_iter=0"], "method.cle_max_iter=0 is invalid; valid: an integer >= 1"),
+    (["method=genie_cpu", "method.drop_p=2"], "method.drop_p=2.0 is invalid; valid: a probability in [0, 1]"),
+    (["method=genie_cpu", "method.steps=-1"], "method.steps=-1 is invalid; valid: an integer >= 0"),
+    # was: a failed row (numpy's "Seed must be between 0 and 2**32 - 1"), exit 1
+    (["seed=-1"], "seed=-1 is invalid; valid: an integer in 0..4294967295"),
     (["seed=4294967296"], "seed=4294967296 is invalid; valid: an integer in 0..4294967295"),
     (["device=cudax"], "device='cudax' is invalid; valid: cpu, cuda, cuda:N"),
     (["device=cuda:"], "device='cuda:' is invalid; valid: cpu, cuda, cuda:N"),
