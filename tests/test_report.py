@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,12 @@ def test_wandb_offline_logs_every_row_field_and_the_plots(runs, tmp_path, monkey
     log_row({"name": "wandb", "project": "dfq_test", "tags": ["t"]}, row)
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, caplog.text  # a failed wandb call is only a warning in log_row
-    blob = run_files[0].read_bytes()  # wandb's offline record log: protobuf, strings stored plainly
+    # wandb's offline record log (protobuf, strings stored plainly) is written by its service process,
+    # which may still be flushing when finish() returns: wait for the run's last record, then read it.
+    deadline = time.time() + 60
+    while b"wb-1" not in run_files[0].read_bytes() and time.time() < deadline:
+        time.sleep(0.2)
+    blob = run_files[0].read_bytes()
     for key, value in flatten(row).items():
         assert key.encode() in blob, key
         if isinstance(value, str):
