@@ -12,7 +12,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check src methods tests scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: setup  # the full suite: the default tests and the long ones marked slow
 	$(PY) -m pytest -q -m "slow or not slow"
