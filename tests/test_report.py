@@ -158,7 +158,10 @@ def test_wandb_offline_logs_every_row_field_and_the_plots(runs, tmp_path, monkey
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, caplog.text  # a failed wandb call is only a warning in log_row
     # wandb's offline record log (protobuf, strings stored plainly) is written by its service process,
-    # which may still be flushing when finish() returns: wait for the run's last record, then read it.
+    # which may still be flushing when finish() returns (seen in a full CI run): teardown waits for it.
+    import wandb
+
+    wandb.teardown()
     deadline = time.time() + 60
     while b"wb-1" not in run_files[0].read_bytes() and time.time() < deadline:
         time.sleep(0.2)
