@@ -228,3 +228,38 @@ def test_ctrl_c_on_the_cli_prints_one_line_exits_130_and_writes_an_interrupted_r
     (row,) = rows_in(tmp_path / "r")
     assert row["status"] == "failed" and row["error"] == "interrupted"
     assert files_under(tmp_path / "c") == []
+
+
+# ---- labels outside the model's classes -----------------------------------------------------------
+
+
+def test_corrupt_fashion_mnist_labels_file_is_an_error_naming_it(tmp_path):
+    """A labels byte above 9 (a corrupt file) fails with the file's name, not as a lower accuracy."""
+    import gzip
+    import shutil
+
+    from dfq_bench.data.fashion_mnist import DatasetError, load_split
+
+    src = Path("/usr/share/datasets/fashion-mnist")
+    if not (src / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (make setup installs it)")
+    for f in src.glob("*.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(gzip.decompress(labels.read_bytes()))
+    data[8 + 123] = 10  # header (8 bytes), then one byte per label
+    labels.write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(DatasetError, match=rf"^{labels} holds label 10 at index 123; valid: 0..9"):
+        load_split(str(tmp_path), "test")
+
+
+def test_labels_outside_the_heads_classes_fail_the_evaluation():
+    import torch
+
+    from dfq_bench.data import DatasetError
+    from dfq_bench.run.runner import evaluate
+
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 3, 0])  # label 3 of a 3-class head
+    with pytest.raises(DatasetError, match=r"label 3 in evaluation images 0..7 is outside the model's 3 classes"):
+        evaluate(model, model, [(x, y)], "cpu", lambda it, **kw: it)

@@ -122,6 +122,10 @@ def load_split(folder: str, split: str) -> tuple[Tensor, Tensor]:
     if images.shape != (SIZES[split], *IMAGE_SIZE[1:]) or labels.shape != (SIZES[split],):
         raise DatasetError(f"Fashion-MNIST {split} split in {folder} has images {images.shape} and labels "
                            f"{labels.shape}; expected ({SIZES[split]}, 28, 28) and ({SIZES[split]},); {HINT}")
+    if labels.size and int(labels.max()) >= len(CLASSES):
+        bad = int(np.argmax(labels >= len(CLASSES)))
+        raise DatasetError(f"{_file(Path(folder), label_stem)} holds label {int(labels[bad])} at index {bad}; "
+                           f"valid: 0..{len(CLASSES) - 1} (a corrupt labels file?) {HINT}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -25,6 +25,7 @@ from dfq_bench import api, catalog  # noqa: F401  (catalog fills the registries)
 from dfq_bench.config import UnsupportedError, identity_config, plugin_config
 from dfq_bench.core.method import QuantContext
 from dfq_bench.core.modules import NonFiniteError, first_nonfinite
+from dfq_bench.data import DatasetError
 from dfq_bench.models import BuiltModel, reestimate_bn
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import IN_EVERY_ROW, append_row, check_writable, write_json
@@ -107,6 +108,10 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
                 raise NonFiniteError(f"the {what} model's output holds NaN or Inf at evaluation image {n}"
                                      + (f"; first non-finite module: {where}" if where else ""))
         t_fp += t1 - t0
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits_fp.shape[1]):  # never a lower accuracy
+            bad = int(y.max()) if int(y.max()) >= logits_fp.shape[1] else int(y.min())
+            raise DatasetError(f"label {bad} in evaluation images {n}..{n + len(y) - 1} is outside the model's "
+                               f"{logits_fp.shape[1]} classes (valid: 0..{logits_fp.shape[1] - 1})")
         k = min(5, logits_fp.shape[1])
         pred_fp, pred_q = logits_fp.topk(k, 1).indices, logits_q.topk(k, 1).indices
         top1_fp += int((pred_fp[:, 0] == y).sum())
