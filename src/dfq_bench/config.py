@@ -293,6 +293,17 @@ def identity_config(cfg: DictConfig) -> dict:
         d.get("model", {}).pop("bn_reestimate", None)
     if d.get("dataset", {}).get("images") == "gaussian":  # and for the fake dataset's default images
         d["dataset"].pop("images")
+    model = d.get("model") or {}
+    if model.get("weights") is not None:  # a local weights file is identified by its content
+        from dfq_bench.models.torchvision_timm import WeightsError, local_weights_path, sha256_file
+
+        try:
+            path = local_weights_path(str(model["weights"]))
+        except WeightsError:
+            path = None  # not a file: the run reports it
+        if path is not None:
+            model["weights"] = f"sha256:{sha256_file(path)}"  # not its path: a retrained file is a new run
+            model.pop("sha256", None)  # a check of that content, in any case or as a prefix
     data = d.get("data") or {}
     if data.get("name") == "noise" and _noise_space(d) in (None, "raw"):
         data.pop("space", None)  # the noise every run used before the key existed, or noise never used

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -64,12 +66,42 @@ class WeightsError(RuntimeError):
 # local weight files
 
 
+_SHA256: dict[tuple, str] = {}
+
+
+def _sha256_cache() -> Path:
+    return Path(os.environ.get("DFQ_BENCH_CACHE") or Path.home() / ".cache" / "dfq_bench") / "sha256.json"
+
+
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's sha256, computed once per file: cached by (path, size, mtime) in the process and in
+    ``$DFQ_BENCH_CACHE/sha256.json`` (a cache that cannot be read or written is only skipped)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _SHA256:
+        return _SHA256[key]
+    cache_file, tag = _sha256_cache(), f"{key[0]}|{key[1]}|{key[2]}"
+    try:
+        disk = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        disk = {}
+    digest = disk.get(tag) if isinstance(disk, dict) else None
+    if not isinstance(digest, str):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        try:
+            from dfq_bench.results import atomic_write
+
+            disk = {**(disk if isinstance(disk, dict) else {}), tag: digest}
+            atomic_write(cache_file, lambda tmp: tmp.write_text(json.dumps(disk, sort_keys=True)))
+        except Exception:  # only a cache
+            pass
+    _SHA256[key] = digest
+    return digest
 
 
 def check_sha256(path: Path, expected: str | None) -> str:
