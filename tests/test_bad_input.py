@@ -66,6 +66,9 @@ def test_bad_input_is_one_line_exit_2_and_no_row(tmp_path, overrides, message):
     (["method=dfq", "method.cle=2"], "method.cle=2 is invalid; valid: true or false"),
     (["data=zeroq_cpu", "data.cache=0"], "data.cache=0 is invalid; valid: true or false"),
     (["results_dir=' '"], "results_dir=' ' is invalid; valid: a directory path (default: results)"),
+    # was: ignored, a random-init row under a weights file's name, exit 0
+    (["model=test_cnn", "model.weights=/nonexistent.pt"],
+     "model.weights='/nonexistent.pt' is invalid: model test_cnn takes no weights; valid: null"),
 ])
 def test_bad_value_is_a_one_line_config_error(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -164,7 +164,12 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     if p.act_range is not None:
         RANGE_RULES.get(p.act_range)  # raises the did-you-mean error
     _check_device(str(cfg.device), device_here)
-    MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
+    factory = MODELS.get(cfg.model.name if cfg.model.source == "zoo" else cfg.model.source)
+    if not getattr(factory, "takes_weights", True):
+        for key in ("weights", "sha256"):
+            if cfg.model[key] is not None:
+                raise ConfigError(f"model.{key}={cfg.model[key]!r} is invalid: model {cfg.model.name} takes no "
+                                  "weights; valid: null")
     if cfg.model.source in ("timm", "torchvision"):
         if OmegaConf.is_missing(cfg.model, "name"):
             raise ConfigError(f"model.name is missing; valid: a {cfg.model.source} architecture "

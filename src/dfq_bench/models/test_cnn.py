@@ -56,3 +56,6 @@ def make_test_cnn(seed: int = 0, num_classes: int = 10) -> TestCNN:
 
 def build(cfg) -> BuiltModel:
     return BuiltModel(make_test_cnn(0), (3, 32, 32), 10, "random-init seed 0")
+
+
+build.takes_weights = False  # model.weights would be ignored: validate_config refuses it
