@@ -263,3 +263,17 @@ def test_labels_outside_the_heads_classes_fail_the_evaluation():
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 3, 0])  # label 3 of a 3-class head
     with pytest.raises(DatasetError, match=r"label 3 in evaluation images 0..7 is outside the model's 3 classes"):
         evaluate(model, model, [(x, y)], "cpu", lambda it, **kw: it)
+
+
+def test_nan_in_a_weights_file_is_named_as_such(tmp_path):
+    import torch
+
+    from dfq_bench.models.torchvision_timm import WeightsError, read_state_dict
+
+    sd = {"conv.weight": torch.ones(2, 3), "fc.bias": torch.tensor([0.0, float("nan")])}
+    torch.save(sd, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match=r"w.pt: tensor 'fc.bias' holds NaN or Inf"):
+        read_state_dict(tmp_path / "w.pt", None)
+    sd["fc.bias"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "w.pt")
+    assert set(read_state_dict(tmp_path / "w.pt", None)[0]) == {"conv.weight", "fc.bias"}

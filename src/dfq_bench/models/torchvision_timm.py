@@ -153,6 +153,10 @@ def read_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict, str]
         raise WeightsError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    bad = next((k for k, v in obj.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise WeightsError(f"{path}: tensor {bad!r} holds NaN or Inf; valid: finite weights (a diverged or "
+                           "corrupted checkpoint?)")
     return obj, f"file:{path} sha256:{digest}"
 
 
