@@ -277,3 +277,19 @@ def test_nan_in_a_weights_file_is_named_as_such(tmp_path):
     sd["fc.bias"] = torch.zeros(2)
     torch.save(sd, tmp_path / "w.pt")
     assert set(read_state_dict(tmp_path / "w.pt", None)[0]) == {"conv.weight", "fc.bias"}
+
+
+def test_a_limit_above_the_split_size_says_so_in_the_row_and_the_log(tmp_path, caplog):
+    from helpers import compose_cfg
+
+    from dfq_bench.config import validate_config
+    from dfq_bench.run.runner import run
+
+    overrides = ["model=test_cnn", "dataset=fake", "dataset.num_samples=16", "dataset.limit=40", "method=dummy",
+                 f"results_dir={tmp_path}"]
+    cfg = compose_cfg(overrides)
+    validate_config(cfg, overrides)
+    with caplog.at_level("WARNING"):
+        row = run(cfg)
+    assert row["status"] == "ok" and row["n_eval"] == 16 and row["dataset_info"]["limit_above_split"] == 16
+    assert "dataset.limit=40 is above the 16 images of fake: evaluating all 16" in caplog.text

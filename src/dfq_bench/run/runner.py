@@ -228,6 +228,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         model = built.model.to(cfg.device).eval()
         bundle = DATASETS.get(cfg.dataset.name)(cfg.dataset, built)
         row["dataset_info"] = bundle.info
+        if cfg.dataset.limit is not None and cfg.dataset.limit > bundle.n_eval:  # said, not silently capped
+            bundle.info["limit_above_split"] = bundle.n_eval
+            log.warning("dataset.limit=%d is above the %d images of %s: evaluating all %d", cfg.dataset.limit,
+                        bundle.n_eval, cfg.dataset.name, bundle.n_eval)
         if cfg.model.get("bn_reestimate"):
             reestimate_bn(built, *bn_images(bundle, cfg.model.bn_reestimate))
             row["weights"] = built.weights
