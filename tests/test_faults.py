@@ -293,3 +293,21 @@ def test_a_limit_above_the_split_size_says_so_in_the_row_and_the_log(tmp_path, c
         row = run(cfg)
     assert row["status"] == "ok" and row["n_eval"] == 16 and row["dataset_info"]["limit_above_split"] == 16
     assert "dataset.limit=40 is above the 16 images of fake: evaluating all 16" in caplog.text
+
+
+def test_a_truncated_image_names_its_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dfq_bench.data import DatasetError
+    from dfq_bench.data.imagenet import image_folder
+
+    for k, name in enumerate(("a", "b")):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((40, 40, 3), 60 * k, dtype=np.uint8)).save(tmp_path / name / "x.jpg")
+    bad = tmp_path / "b" / "x.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # a download cut short
+    ds = image_folder(tmp_path, None, "imagenet")
+    assert ds[0][0].size == (40, 40)  # the intact image loads
+    with pytest.raises(DatasetError, match=rf"^cannot read image {bad}: OSError"):
+        ds[1]

@@ -104,11 +104,22 @@ IMAGENET_HINT = (
 )
 
 
+def open_rgb(path: str):
+    """ImageFolder's loader: the image as RGB; an unreadable or truncated file names itself."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, not an image, bad header
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 def image_folder(path: Path, transform, what: str):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=open_rgb)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         msg = str(e).strip().splitlines()[0] if str(e).strip() else "no images"
         raise DatasetError(f"{what} {path} has no usable images ({msg}); {IMAGENET_HINT}") from None
