@@ -311,3 +311,51 @@ def test_a_truncated_image_names_its_file(tmp_path):
     assert ds[0][0].size == (40, 40)  # the intact image loads
     with pytest.raises(DatasetError, match=rf"^cannot read image {bad}: OSError"):
         ds[1]
+
+
+# ---- two identical configs at once ----------------------------------------------------------------
+
+
+def test_an_identical_config_started_while_one_runs_is_skipped_not_run_twice(tmp_path):
+    """Another process holds the run's claim (as a run of the same config does while it works): the
+    CLI skips it and writes no row; once that process is killed, its stale claim is taken over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import cli, compose_cfg, rows_in
+
+    from dfq_bench.run.runner import run_id
+
+    results = tmp_path / "results"
+    overrides = ["model=test_cnn", "dataset=fake", "dataset.num_samples=32", "method=rtn", f"results_dir={results}"]
+    rid = run_id(compose_cfg(overrides))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom dfq_bench.run.sweep import claim\n"
+        f"with claim({str(results)!r}, {rid!r}):\n    print('claimed', flush=True)\n    time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        busy = cli(overrides, tmp_path)
+        assert busy.returncode == 0, busy.stderr
+        assert f"skipped: run_id {rid} is being run by process {holder.pid}" in busy.stdout
+        assert not rows_in(results)  # not run twice
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: its claim file stays behind
+        holder.wait(timeout=30)
+    time.sleep(0.1)
+    assert (results / ".claims" / rid).exists()
+    again = cli(overrides, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [r["status"] for r in rows_in(results)] == ["ok"] and not (results / ".claims" / rid).exists()
+
+
+def test_a_stale_claim_of_a_killed_run_is_taken_over(tmp_path):
+    from dfq_bench.run.sweep import claim
+
+    (tmp_path / ".claims").mkdir()
+    (tmp_path / ".claims" / "abc").write_text("999999999")  # no such process
+    with claim(tmp_path, "abc") as owner:
+        assert owner is None and (tmp_path / ".claims" / "abc").read_text() == str(__import__("os").getpid())
+    assert not (tmp_path / ".claims" / "abc").exists()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, UnsupportedError, register_configs, validate_config
 from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
 from dfq_bench.results import ResultsDirError, check_writable
-from dfq_bench.run.sweep import finished_row
+from dfq_bench.run.sweep import claim, finished_row
 
 log = logging.getLogger("dfq_bench")
 EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
@@ -71,7 +71,7 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def task(cfg: DictConfig):
-    from dfq_bench.run.runner import run, run_id, summary
+    from dfq_bench.run.runner import run_id
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -82,12 +82,24 @@ def task(cfg: DictConfig):
         if multirun:
             raise JobFailed(f"error: {e}") from None
         sys.exit(EXIT_BAD_CONFIG)
-    if cfg.skip_done:
-        done = finished_row(cfg.results_dir, run_id(cfg))
-        if done is not None:
-            print(f"skipped: run_id {done['run_id']} already has an ok row in {cfg.results_dir}/runs.jsonl "
-                  "(skip_done=false reruns it)")
-            return done.get("top1")
+    rid = run_id(cfg)
+    with claim(cfg.results_dir, rid) as owner:
+        if owner is not None:  # the same config, started at the same time
+            print(f"skipped: run_id {rid} is being run by process {owner}; its row goes to "
+                  f"{cfg.results_dir}/runs.jsonl")
+            return None
+        if cfg.skip_done:
+            done = finished_row(cfg.results_dir, rid)
+            if done is not None:
+                print(f"skipped: run_id {done['run_id']} already has an ok row in {cfg.results_dir}/runs.jsonl "
+                      "(skip_done=false reruns it)")
+                return done.get("top1")
+        return _run(cfg, multirun)
+
+
+def _run(cfg: DictConfig, multirun: bool):
+    from dfq_bench.run.runner import run, summary
+
     try:
         row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except UnsupportedError as e:  # refused before any work: no row was written

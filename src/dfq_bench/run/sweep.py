@@ -8,11 +8,17 @@ One launcher process may run hundreds of jobs, so the index is cached per file a
 appended since the last look are parsed (the file is append-only; a smaller file or a new inode
 means it was replaced, and it is read again from the start). A line still being written (no
 trailing newline yet) is left for the next look.
+
+A run in progress holds a claim, ``${results_dir}/.claims/<run_id>`` (created exclusively, holding its
+pid), so that an identical config started at the same time is skipped instead of run twice; a claim
+whose process is gone (killed) is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,3 +62,44 @@ def finished_rows(results_dir: str | Path) -> dict[str, dict]:
 def finished_row(results_dir: str | Path, run_id: str) -> dict | None:
     """The last ok row of ``run_id`` in ``results_dir``, or None."""
     return finished_rows(results_dir).get(run_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(results_dir: str | Path, run_id: str) -> Iterator[int | None]:
+    """Claims ``run_id`` for this process while the block runs; yields None when the claim is ours,
+    or the pid of the live process that holds it. The claim is removed when the block ends."""
+    path = Path(results_dir) / ".claims" / run_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                yield owner
+                return
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale claim (its process was killed): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return
+    yield None  # could not settle the claim (a race with another takeover): run anyway
