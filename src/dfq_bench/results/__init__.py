@@ -135,23 +135,72 @@ def write_json(path: str | Path, obj: dict) -> None:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def parse_lines(lines: Iterable[str | bytes], where: str | Path, errors: list | None = None) -> Iterator:
-    """Yields the JSON value of each non-blank line; a corrupt one is reported in ``errors`` as
-    ``where:lineno`` and skipped."""
+# What the reporter needs of a row to place it in a table: these fields in every row, ok or failed,
+# and a top1 in an ok row. Rows of an older schema lack later fields (agree_fp32, t_eval_fp32_s, ...):
+# those read as null, so only these are required.
+NEEDED = ("run_id", "status", "model", "dataset", "method", "wbits", "abits", "seed")
+NUMBERS = fields("metrics", "timing")  # a number or null
+INTEGERS = ("wbits", "abits", "seed")  # an integer; abits null = weight-only
+_KINDS = {str: "a string", list: "an array", dict: "an object", int: "a number", float: "a number",
+          bool: "a boolean", type(None): "null"}
+
+
+def _kind(v) -> str:
+    return _KINDS.get(type(v), type(v).__name__)
+
+
+def row_problem(row) -> str | None:
+    """Why the reporter cannot use ``row`` (a parsed JSON value), or None if it can."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but {_kind(row)}"
+    missing = [f for f in NEEDED if f not in row]
+    if missing:
+        return f"missing field: {', '.join(missing)}"
+    if not isinstance(row["run_id"], str):
+        return f"run_id={row['run_id']!r} is {_kind(row['run_id'])}; valid: a string"
+    for f in INTEGERS:
+        v = row[f]
+        if (isinstance(v, bool) or not isinstance(v, int)) and not (v is None and f == "abits"):
+            return f"{f}={v!r} is {_kind(v)}; valid: an integer" + (" or null" if f == "abits" else "")
+    for f in NUMBERS:
+        v = row.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{f}={v!r} is {_kind(v)}; valid: a number or null"
+    if row["status"] == "ok" and row.get("top1") is None:
+        return "an ok row without top1"
+    return None
+
+
+def parse_lines(lines: Iterable[str | bytes], where: str | Path, errors: list | None = None,
+                check: Callable[[object], str | None] | None = None) -> Iterator:
+    """Yields the JSON value of each non-blank line (bytes are decoded as UTF-8). A line that is not
+    UTF-8 or not JSON, or whose value ``check`` returns a reason for (None: fine), is reported in
+    ``errors`` as ``where:lineno: <reason>`` and skipped."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            value = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+        except UnicodeDecodeError as e:
+            problem = f"row skipped (invalid UTF-8 at byte {e.start})"
         except ValueError as e:
-            if errors is not None:
-                errors.append(f"{where}:{lineno}: corrupt row skipped ({getattr(e, 'msg', e)})")
+            problem = f"corrupt row skipped ({getattr(e, 'msg', e)})"
+        else:
+            reason = check(value) if check is not None else None
+            if reason is None:
+                yield value
+                continue
+            problem = f"row skipped ({reason})"
+        if errors is not None:
+            errors.append(f"{where}:{lineno}: {problem}")
 
 
-def read_rows(path: str | Path, errors: list | None = None) -> Iterator:
-    """Yields the rows of a runs.jsonl in file order; a corrupt line is reported in ``errors`` and skipped."""
-    with open(path, encoding="utf-8") as f:
-        yield from parse_lines(f, path, errors)
+def read_rows(path: str | Path, errors: list | None = None,
+              check: Callable[[object], str | None] | None = None) -> Iterator:
+    """Yields the rows of a runs.jsonl in file order; a line that is not UTF-8 or not JSON, or that
+    ``check`` rejects (``row_problem`` for the reporter), is reported in ``errors`` and skipped."""
+    with open(path, "rb") as f:  # decoded line by line: one bad byte costs its line, not the file
+        yield from parse_lines(f, path, errors, check)
 
 
 class LastOk:
@@ -176,10 +225,11 @@ class LastOk:
             (self.ok if status == "ok" else self.failed)[rid] = row
         return self
 
-    def read(self, *paths: str | Path) -> LastOk:
-        """Adds the rows of each runs.jsonl; corrupt lines become warnings."""
+    def read(self, *paths: str | Path, check: Callable[[object], str | None] | None = None) -> LastOk:
+        """Adds the rows of each runs.jsonl; corrupt lines, and rows ``check`` rejects, become
+        ``file:line`` warnings."""
         for path in paths:
-            self.add(read_rows(path, self.warnings), path)
+            self.add(read_rows(path, self.warnings, check), path)
         return self
 
     def never_ok(self) -> list[dict]:

@@ -3,8 +3,10 @@
     python -m dfq_bench.report results/runs.jsonl [more/runs.jsonl ...] --out results/report
 
 Rows are deduplicated by run_id: the last ok row wins (files in the order given, lines in file order);
-a run_id without any ok row is listed under "failed runs" with its last error. Corrupt lines are
-reported as ``file:line`` warnings and skipped.
+a run_id without any ok row is listed under "failed runs" with its last error. A line the reporter
+cannot use (not UTF-8, not JSON, not an object, a field it needs missing, a string where a number
+belongs, an ok row without top1: ``results.row_problem``) is a ``file:line: <reason>`` warning and is
+skipped; the tables are made from the other rows.
 
 Rows are grouped by (model, dataset, method, bit-width label ``W4A4`` / ``W4A32`` for weight-only) and
 pooled over seeds: each cell is mean ± sample std over its n runs (std needs n >= 2). Runs of one
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 
-from dfq_bench.results import LastOk, fields
+from dfq_bench.results import LastOk, fields, row_problem
 
 SUMMARY_COLUMNS = (
     "model", "dataset", "method", "variant", "bits", "wbits", "abits", "n", "n_seeds",
@@ -67,8 +69,8 @@ class Rows:
 
 
 def load(paths: list[str | Path]) -> Rows:
-    """Reads and deduplicates rows; corrupt lines and rows without a run_id become warnings."""
-    latest = LastOk().read(*paths)
+    """Reads and deduplicates rows; lines ``row_problem`` rejects become ``file:line`` warnings."""
+    latest = LastOk().read(*paths, check=row_problem)
     return Rows(list(latest.ok.values()), sorted(latest.never_ok(), key=_failed_order), latest.n_superseded,
                 latest.warnings)
 
@@ -105,13 +107,18 @@ def _facets(sig: tuple) -> dict:
         prefix = _SHORT.get(name, name)
         if isinstance(node, dict):
             if name != "method_cfg":  # the method's name is in the key already
-                d[prefix] = node.get("name")
+                d[prefix] = _scalar(node.get("name"))
             for k, v in node.items():
                 if k != "name":
-                    d[f"{prefix}.{k}"] = v if not isinstance(v, (dict, list)) else repr(v)
+                    d[f"{prefix}.{k}"] = _scalar(v)
         elif name not in _BLOCKS:  # a null block (no calibration data) adds nothing
-            d[prefix] = node
+            d[prefix] = _scalar(node)
     return d
+
+
+def _scalar(v):
+    """``v`` if it is a JSON scalar, else its repr: facet values are set members and labels."""
+    return v if v is None or isinstance(v, (str, int, float)) else repr(v)
 
 
 def _variant_keys(facets: list[dict], cells: list[tuple]) -> list[str]:
@@ -246,9 +253,15 @@ def _paper_numbers(paper, method: str, label: str) -> tuple[float | None, float 
     """(published top-1 of ``method`` at ``label``, published FP32, source) from a row's paper block."""
     if not isinstance(paper, dict):
         return None, None, None
-    top1 = (paper.get("top1") or {}).get(method) or {}
+    top1 = paper.get("top1")
+    top1 = top1.get(method) if isinstance(top1, dict) else None
     value = top1.get(label) if isinstance(top1, dict) else None
-    return value, paper.get("fp32"), paper.get("source")
+    source = paper.get("source")
+    return _number(value), _number(paper.get("fp32")), None if source is None else str(source)
+
+
+def _number(v) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -576,10 +589,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", action="store_true", help="also log the summary table and plots to wandb")
     ap.add_argument("--wandb-project", default="dfq_bench")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"error: --out={args.out!r} is a file; valid: a directory (created if missing)", file=sys.stderr)
+        return 2
     for p in args.runs:
         if not Path(p).is_file():
             print(f"error: {p!r} is not a file; valid: a runs.jsonl written by dfq_bench", file=sys.stderr)
             return 2
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission
+        print(f"error: --out={args.out!r} cannot be made ({e.strerror or e}); valid: a directory (created if "
+              "missing)", file=sys.stderr)
+        return 2
     rows, written = report(args.runs, args.out, make_plots=not args.no_plots)
     for w in rows.warnings:
         print(f"warning: {w}", file=sys.stderr)
