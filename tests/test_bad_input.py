@@ -143,3 +143,19 @@ def test_a_plugin_method_in_a_multirun_list_is_refused_in_one_line(monkeypatch):
     assert sweep_error(["-m", "method=rtn,half_rtn"]) == (
         "method=half_rtn has no conf/method/half_rtn.yaml and cannot be one value of a multirun list; "
         "valid: method=half_rtn alone, or add the YAML")
+
+
+def test_a_missing_launcher_plugin_names_the_extra_to_install(tmp_path):
+    """The joblib launcher's plugin made unloadable (a package shadowing it raises ImportError, as a
+    missing dependency does): one line naming the extra, exit 2, no job run."""
+    shadow = tmp_path / "shadow" / "hydra_plugins" / "hydra_joblib_launcher"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("No module named joblib")\n')
+    out = tmp_path / "results"
+    proc = cli(["-m", "hydra/launcher=local", *SMALL, "method=rtn,dummy", f"results_dir={out}"], tmp_path,
+               env={"PYTHONPATH": str(tmp_path / "shadow")}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: In 'hydra/launcher/local': Could not load 'hydra/launcher/joblib'; its plugin is not installed: "
+        "pip install -e '.[joblib]'")
+    assert not out.exists()

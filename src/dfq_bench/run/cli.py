@@ -16,6 +16,7 @@ anywhere in a list (``wbits=4,1``, ``method=rtn,squnat``) is the single run's li
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import hydra
@@ -203,6 +204,17 @@ def _check_job_options(job: list[str]) -> None:
             raise unknown_option(key, value)
 
 
+LAUNCHER_EXTRAS = {"joblib": "joblib", "submitit": "slurm"}  # Hydra launcher plugin -> our extra
+
+
+def launcher_hint(err: str) -> str:
+    """Where a launcher's plugin could not be loaded, the extra that installs it."""
+    m = re.search(r"Could not load 'hydra/launcher/(\w+?)(?:_local|_slurm)?'", err)
+    if m and m.group(1) in LAUNCHER_EXTRAS:
+        return f"; its plugin is not installed: pip install -e '.[{LAUNCHER_EXTRAS[m.group(1)]}]'"
+    return ""
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
@@ -216,7 +228,7 @@ def main() -> None:
     else:  # a multirun is checked job by job; other Hydra flags (--cfg, --info, ...) are Hydra's
         err = sweep_error(argv) if flags <= set(MULTIRUN_FLAGS) else None
     if err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.rstrip('.')}{launcher_hint(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     sys.argv[1:] = argv
     try:
