@@ -16,7 +16,10 @@ Steps (each a config key, all on by default), in this order:
    ``protocol.fold_bn`` is false (the row says ``dfq_fold: method``). The BN statistics are kept:
    the folded conv's output channel c is N(beta_c, gamma_c^2) per DFQ's assumption.
 3. ``cle``: cross-layer equalization on every link found by tracing (``graph.equalization_links``:
-   conv/linear -> [ReLU, pooling, flatten] -> conv/linear, single users only). Per shared channel i,
+   conv/linear -> [ReLU, pooling, flatten] -> conv/linear, single users only) whose consumer kind is
+   in ``cle_consumers`` (default conv and linear: the last conv is also linked through average pooling
+   to the classifier, which AIMET does not; ``[conv]`` is AIMET's choice; the row counts links per
+   kind in ``cle_links``; bias absorption uses the same links). Per shared channel i,
    s_i = sqrt(r1_i * r2_i) / r1_i; the producer's output channel i (and bias) is multiplied by s_i, the
    consumer's input channel i divided by it. Depthwise and grouped convs are handled per channel
    (a depthwise conv's input channel i is its kernel i). Pairs are swept in graph order until no
@@ -56,7 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from types import SimpleNamespace
 
@@ -344,6 +347,7 @@ class DFQ(Method):
         cle_tol: float = 1e-8  # stop when no scale moves by more than this in a sweep
         cle_max_iter: int = 100  # sweeps at most
         cle_range: CleRange = CleRange.absmax
+        cle_consumers: list[str] = field(default_factory=lambda: ["conv", "linear"])  # AIMET: [conv]
         bias_absorption: bool = True
         absorb_n_std: float = 3.0
         bias_correction: bool = True
@@ -351,6 +355,9 @@ class DFQ(Method):
     @staticmethod
     def check_config(c) -> None:
         """Values the types cannot express; one-line ``ConfigError`` (checked before any model is built)."""
+        if not c.cle_consumers or any(k not in ("conv", "linear") for k in c.cle_consumers):
+            raise ConfigError(f"method.cle_consumers={list(c.cle_consumers)!r} is invalid; valid: a non-empty "
+                              "list of conv, linear")
         if not c.cle_tol > 0:
             raise ConfigError(f"method.cle_tol={c.cle_tol!r} is invalid; valid: a positive float")
         if c.cle_max_iter < 1:
@@ -387,6 +394,10 @@ class DFQ(Method):
         info["n_bn_folded"] = info.get("n_bn_folded", 0) + n_fold
         info["dfq_fold"] = "protocol" if ctx.protocol.fold_bn else "method"
         links = equalization_links(qmodel) if facts.traced else []
+        kind = {link.consumer: "linear" if isinstance(qmodel.get_submodule(link.consumer), nn.Linear) else "conv"
+                for link in links}
+        links = [link for link in links if kind[link.consumer] in cfg.cle_consumers]
+        info["cle_links"] = {k: sum(kind[link.consumer] == k for link in links) for k in ("conv", "linear")}
         info.update(n_cle_pairs=0, cle_iters=0, cle_converged=None, n_absorbed=0, n_absorbed_channels=0)
         if cfg.cle and links:
             res = equalize(qmodel, links, cfg.cle_tol, cfg.cle_max_iter, cfg.cle_range)

@@ -542,3 +542,30 @@ def test_bad_config_values_give_one_line_errors():
         dfq(cle_max_iter=0)
     with pytest.raises(Exception, match="cle_range"):
         dfq(cle_range="median")
+
+
+def test_cle_consumer_kinds_are_a_key_and_links_are_counted_per_kind():
+    """conv -> ReLU -> conv -> ReLU -> avgpool -> flatten -> Linear: two links, one per consumer kind.
+    With cle_consumers=[conv] (AIMET's choice) the classifier is not linked and keeps its weights;
+    both settings preserve the function at 16 bits."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        m[3].weight[:4] *= 20.0  # unequal channel ranges: CLE moves scales into the classifier
+    x = torch.randn(4, 3, 8, 8)
+    out = {}
+    for consumers in (["conv", "linear"], ["conv"]):
+        ctx = ctx_for(x[:2], wbits=16, first_wbits=16, last_wbits=16)
+        q = dfq(cle_consumers=consumers, relu6_to_relu=False, bias_absorption=False,
+                bias_correction=False).quantize(m, ctx)
+        with torch.no_grad():
+            assert rel_err(q(x), m(x)) < 1e-4
+        out[tuple(consumers)] = (ctx.info["cle_links"], q.get_submodule("8").layer.weight.detach().clone())
+    assert out[("conv", "linear")][0] == {"conv": 1, "linear": 1}
+    assert out[("conv",)][0] == {"conv": 1, "linear": 0}
+    assert torch.allclose(out[("conv",)][1], m[8].weight, atol=1e-4)  # only rounded to 16 bits
+    assert not torch.allclose(out[("conv", "linear")][1], m[8].weight, atol=1e-2)  # rescaled by CLE
+    with pytest.raises(ValueError, match=r"method.cle_consumers=\['pool'\] is invalid"):
+        dfq(cle_consumers=["pool"])
