@@ -88,3 +88,11 @@ def test_reference_sweep_commands_and_sweep_md_name_repository_paths_relatively(
     assert "`python scripts/reference_sweep.py --methods rtn" in text and "--out results/x " in text
     # outside the repository a path is absolute: the commands run from the repository root
     assert ref.repo_relative(tmp_path / "out") == str(tmp_path / "out")
+
+
+def test_a_path_under_the_home_directory_is_written_home_relative(tmp_path, monkeypatch):
+    from dfq_bench.run.runner import repo_relative
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert repo_relative(tmp_path / ".cache" / "dfq_bench" / "x.pt") == "~/.cache/dfq_bench/x.pt"
+    assert repo_relative("/usr/share/datasets/fashion-mnist") == "/usr/share/datasets/fashion-mnist"

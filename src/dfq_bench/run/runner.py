@@ -298,10 +298,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
 
 
 def repo_relative(path: str | Path) -> str:
-    """``path`` relative to the repository root when it lies inside it, else as given: committed
-    rows hold no absolute path of the machine that made them (a path outside is the user's own)."""
+    """``path`` relative to the repository root when it lies inside it, ``~/...`` under the home
+    directory (caches, site-packages of a user install), else as given: committed rows hold no
+    absolute path of the machine that made them (a path elsewhere is the user's own)."""
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+    if resolved.is_relative_to(REPO):
+        return str(resolved.relative_to(REPO))
+    home = Path.home().resolve()
+    return f"~/{resolved.relative_to(home)}" if resolved.is_relative_to(home) and resolved != home else str(path)
 
 
 # the row's path fields: top-level keys, and (field, key) of its dicts
