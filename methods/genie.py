@@ -62,6 +62,7 @@ class Genie(Method):
     name = "genie"
     version = "1"
     needs_data = True  # reconstruction needs batches even for weight-only runs
+    w_ranges = ("include_zero",)  # its weight range is the Lp search's (protocol.w_range=minmax is refused)
 
     @dataclass
     class Config:

@@ -41,9 +41,11 @@ at the observed maximum (x.max(), as the reference). k = 12 / 14 / 25 for 4 / 6 
 (``method.k``); other bit-widths use ``method.k_other`` or fail with a one-line error.
 
 Deviations from the reference, all recorded here:
-- Grid: the shared per-channel asymmetric grid (range widened to include 0, x = w / scale + zp). The
-  reference uses the channel's [min, max] without widening (differs only for channels whose weights
-  all share one sign) and multiplies by 1 / scale (can differ in the last float bit).
+- Grid: the protocol's weight grid. ``protocol=squant_paper`` sets ``w_range=minmax``: the channel's
+  own [min, max], as the reference (tested against an independent reference of its quantizer, also on
+  channels whose weights all share one sign). Other protocols widen the range to include 0 (differs
+  from the reference only on such channels). We compute x = w / scale + zp where the reference
+  multiplies by 1 / scale (can differ in the last float bit).
 - Error sums (kernel and channel) and post-flip errors are computed in float64 from the exact float32
   errors; the reference sums in float32 in an unspecified order. Decisions can differ only where a
   float32 sum lands within float32 rounding of a .5 boundary or an integer.

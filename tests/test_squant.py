@@ -420,8 +420,78 @@ def test_bad_method_values_fail_at_validation(override, message):
 
 def test_paper_protocol_preset():
     p = compose_cfg(["protocol=squant_paper"]).protocol
-    assert (p.first_wbits, p.last_wbits, p.last_abits, p.fold_bn, p.quantize_first_input) == (
-        None, None, 8, False, False)
+    assert (p.first_wbits, p.last_wbits, p.last_abits, p.fold_bn, p.quantize_first_input, p.w_range) == (
+        None, None, 8, False, False, "minmax")
+
+
+def reference_grid_squant(w, bits, kernel=True, channel=True):
+    """SQuant's released weight quantizer, written here from its description: per output channel
+    inv = (2^b - 1) / (max - min) over the channel's own [min, max] (no widening to include 0),
+    zp = round(inv * min) + 2^(b-1), x = w * inv - zp, levels on [-2^(b-1), 2^(b-1) - 1] by the loop
+    oracle above, dequantized as (q + zp) / inv. Returns (levels, dequantized weights)."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    rows = w.reshape(w.shape[0], -1)
+    lo, hi = rows.min(1).values, rows.max(1).values
+    inv = ((2**bits - 1) / (hi - lo).clamp(min=1e-8)).reshape(shape)
+    zp = (torch.round(inv.reshape(-1) * lo) + 2 ** (bits - 1)).reshape(shape)
+    x = w * inv - zp
+    q = reference_levels(x, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, kernel, channel)
+    return q, (q + zp) / inv
+
+
+def same_sign_weights(shape, seed):
+    """Gaussian weights in which a third of the output channels are all positive and a third all
+    negative (the channels where widening the range to include 0 changes the grid)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    w[0::3] = w[0::3].abs() + 0.05
+    w[1::3] = -w[1::3].abs() - 0.05
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", [(12, 6, 3, 3), (9, 1, 3, 3), (10, 20)])
+def test_minmax_grid_levels_equal_reference_grid_on_same_sign_channels(shape, bits, mode):
+    w = same_sign_weights(shape, seed=bits)
+    kernel, channel = MODES[mode]
+    ref_q, ref_w = reference_grid_squant(w, bits, kernel, channel)
+    g = weight_grid(w, bits, per_channel=True, symmetric=False, include_zero=False)
+    q = flip_levels(g.scaled(w), g.qmin, g.qmax, kernel, channel)
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(g.dequant(q), ref_w, rtol=1e-5, atol=1e-6)
+    wide = weight_grid(w, bits, per_channel=True, symmetric=False)  # the common protocol's grid
+    wide_w = wide.dequant(flip_levels(wide.scaled(w), wide.qmin, wide.qmax, kernel, channel))
+    differs = ((wide_w - ref_w).abs() > 1e-4).flatten(1).any(1)
+    assert differs[0::3].all() and differs[1::3].all()  # the knob matters on exactly those channels ...
+    mixed = torch.ones(shape[0], dtype=torch.bool)
+    mixed[0::3] = mixed[1::3] = False
+    assert not differs[mixed].any()  # ... and on mixed-sign channels both grids are the same grid
+
+
+def test_squant_paper_protocol_quantizes_with_the_reference_grid():
+    model = make_test_cnn(seed=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(same_sign_weights(m.weight.shape, seed=m.weight.numel()))
+    proto = {k: v for k, v in OmegaConf.to_container(compose_cfg(["protocol=squant_paper"]).protocol).items()}
+    assert proto["w_range"] == "minmax"
+    q = Squant(method_cfg()).quantize(model, ctx_for(None, **proto))
+    layers = quant_layers(q)
+    assert layers
+    for name, ql in layers.items():
+        _, ref_w = reference_grid_squant(dict(model.named_modules())[name].weight.detach(), 4)
+        torch.testing.assert_close(ql.layer.weight.detach(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["protocol.w_range=minmax", "protocol.w_symmetric=true"], "protocol.w_range='minmax' is invalid with"),
+    (["method=genie_cpu", "protocol.w_range=minmax"], "not supported by method genie"),
+    (["protocol.w_range=minmax", "deploy=onnxruntime"], "protocol.w_range='minmax' is invalid with deploy"),
+])
+def test_w_range_bad_combinations_fail_at_validation(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_config(compose_cfg(["method=squant", *override]))
 
 
 def test_same_seed_gives_identical_row_twice(tmp_path):

@@ -31,6 +31,13 @@ class Granularity(str, Enum):
     per_channel = "per_channel"
 
 
+class WRange(str, Enum):
+    """The range an asymmetric weight grid covers (``core.grid.weight_grid``)."""
+
+    include_zero = "include_zero"  # [min(min, 0), max(max, 0)]: 0.0 is a level (what integer kernels want)
+    minmax = "minmax"  # the channel's [min, max] as is (SQuant's reference), zero-point may leave the grid
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  # registry key; with source=timm|torchvision, the library's architecture name
@@ -59,6 +66,7 @@ class ProtocolConfig:
     name: str = "common"
     w_granularity: Granularity = Granularity.per_channel
     w_symmetric: bool = False
+    w_range: WRange = WRange.include_zero  # asymmetric weights only; squant_paper: minmax
     a_granularity: Granularity = Granularity.per_tensor
     a_symmetric: bool = False
     fold_bn: bool = True
@@ -155,6 +163,17 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
         raise ConfigError(
             f"protocol.a_granularity={p.a_granularity.value!r} is not supported; valid: per_tensor"
         )
+    if p.w_range == WRange.minmax and p.w_symmetric:
+        raise ConfigError("protocol.w_range='minmax' is invalid with protocol.w_symmetric=true (a symmetric "
+                          "grid is set by max|w|); valid: include_zero, or w_symmetric=false")
+    if p.w_range == WRange.minmax and cfg.get("deploy") is not None:
+        raise ConfigError(f"protocol.w_range='minmax' is invalid with deploy={cfg.deploy} (its weight "
+                          "zero-points may not fit int8); valid: protocol.w_range=include_zero")
+    if p.w_range == WRange.minmax:
+        method_cls = METHODS.get(cfg.method.name)
+        if "minmax" not in getattr(method_cls, "w_ranges", ("include_zero", "minmax")):
+            raise ConfigError(f"protocol.w_range='minmax' is not supported by method {cfg.method.name} "
+                              f"(it chooses its own weight range); valid: include_zero")
     if not 50.0 < p.percentile <= 100.0:
         raise ConfigError(f"protocol.percentile={p.percentile!r} is invalid; valid: (50, 100]")
     if cfg.get("deploy") is not None:
@@ -290,6 +309,8 @@ def identity_config(cfg: DictConfig) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "logger"):
         d.pop(key, None)
+    if d.get("protocol", {}).get("w_range") == "include_zero":  # every run before the key existed
+        d["protocol"].pop("w_range")
     if d.get("paper") is None:  # keeps the run_ids of runs without an overlay unchanged
         d.pop("paper", None)
     if d.get("deploy") is None:  # likewise for runs without the deployed-integer check

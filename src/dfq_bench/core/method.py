@@ -103,6 +103,7 @@ class Method:
     version = "1"
     default_act_range = "minmax"
     needs_data = False  # True if the method itself (not only its activation rule) uses batches
+    w_ranges = ("include_zero", "minmax")  # protocol.w_range values the method's weight grid honours
     weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
 
     @dataclass
@@ -173,7 +174,8 @@ class Method:
     def weight_grid(self, w: Tensor, plan: LayerPlan, state: QuantState) -> Grid:
         """The grid of one layer's weights; the protocol's uniform min/max grid by default."""
         proto = state.protocol
-        return weight_grid(w, plan.w_bits, proto.w_granularity == "per_channel", proto.w_symmetric)
+        return weight_grid(w, plan.w_bits, proto.w_granularity == "per_channel", proto.w_symmetric,
+                           include_zero=getattr(proto, "w_range", "include_zero") == "include_zero")
 
     def round(self, state: QuantState) -> None:
         for p in state.plans:

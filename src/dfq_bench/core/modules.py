@@ -156,7 +156,8 @@ def quantize_weights(model: nn.Module, plans: list[LayerPlan], protocol, round_f
     for p in plans:
         if p.w_bits is not None:
             w = p.module.weight.detach()
-            grids[p.name] = grid = weight_grid(w, p.w_bits, per_channel, protocol.w_symmetric)
+            grids[p.name] = grid = weight_grid(w, p.w_bits, per_channel, protocol.w_symmetric,
+                                               getattr(protocol, "w_range", "include_zero") == "include_zero")
             levels[p.name] = grid.levels(w) if round_fn is None else round_fn(w, grid, p)
     bake_weights(model, plans, grids, levels)
 

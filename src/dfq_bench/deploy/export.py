@@ -139,6 +139,10 @@ def weight_params(name: str, ql: QuantLayer) -> tuple[np.ndarray, np.ndarray, np
             ((back - ql.layer.weight.detach()).abs() > 1e-3 * step).any():
         raise ExportError(f"cannot export layer {name!r}: its weights are not on their quantization grid "
                           "(w_scale / w_zero_point); the method changed them after rounding")
+    if (zp < -128).any() or (zp > 127).any():
+        raise ExportError(f"cannot export layer {name!r}: a weight zero-point ({int(zp.min())}..{int(zp.max())}) "
+                          "does not fit int8 (protocol.w_range=minmax); valid for integer execution: "
+                          "protocol.w_range=include_zero")
     per_channel = scale.numel() > 1
     s = scale.reshape(-1) if per_channel else scale.reshape(())
     z = zp.reshape(-1) if per_channel else zp.reshape(())
