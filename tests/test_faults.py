@@ -359,3 +359,49 @@ def test_a_stale_claim_of_a_killed_run_is_taken_over(tmp_path):
     with claim(tmp_path, "abc") as owner:
         assert owner is None and (tmp_path / ".claims" / "abc").read_text() == str(__import__("os").getpid())
     assert not (tmp_path / ".claims" / "abc").exists()
+
+
+# ---- a killed multirun ------------------------------------------------------------------------------
+
+
+def test_killing_a_joblib_multirun_stops_its_workers_before_they_append_rows(tmp_path):
+    """SIGKILL to the sweep's process while both joblib workers are in a job: the workers end within
+    seconds (they used to finish their jobs and append rows, minutes later), no row, no claim left."""
+    args = ["-m", "hydra/launcher=local", "seed=0,1", "method=rtn", "model=test_cnn", "dataset=fake",
+            "dataset.num_samples=200000", "dataset.batch_size=64", "wbits=4", "abits=8", "progress=false",
+            f"results_dir={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    claims = tmp_path / "r" / ".claims"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dfq_bench", *args], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        workers: set[int] = set()
+        try:
+            deadline = time.monotonic() + 120
+            while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                workers = {int(p.read_text() or 0) for p in claims.glob("*")} - {0} if claims.is_dir() else set()
+            assert len(workers) == 2 and proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 30
+            while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            for pid in workers:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    assert not any(alive(pid) for pid in workers)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert stderr.count("stopped: the sweep's process") == 2, stderr
+    assert rows_in(tmp_path / "r") == [] and list(claims.glob("*")) == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a killed worker nobody reaps yet is a zombie: not running
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from dfq_bench.config import CONF_DIR, GROUPS, ConfigError, UnsupportedError, register_configs, validate_config
 from dfq_bench.registry import METHODS, UnknownNameError, unknown_name_message
 from dfq_bench.results import ResultsDirError, check_writable
-from dfq_bench.run.sweep import claim, finished_row
+from dfq_bench.run.sweep import claim, finished_row, mark_sweep_parent, watch_sweep_parent
 
 log = logging.getLogger("dfq_bench")
 EXIT_BAD_CONFIG, EXIT_RUN_FAILED = 2, 1
@@ -75,6 +75,8 @@ def task(cfg: DictConfig):
     from dfq_bench.run.runner import run_id
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun:
+        watch_sweep_parent()  # a local launcher's worker stops (no row) once the sweep's process is killed
     try:
         validate_config(cfg, HydraConfig.get().overrides.task)
         check_writable(cfg.results_dir)
@@ -231,6 +233,8 @@ def main() -> None:
         print(f"error: {err.rstrip('.')}{launcher_hint(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     sys.argv[1:] = argv
+    if flags & set(MULTIRUN_FLAGS):
+        mark_sweep_parent()
     try:
         task()
     except KeyboardInterrupt:  # the runner has written the run's "interrupted" row, if it had started

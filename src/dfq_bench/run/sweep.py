@@ -12,12 +12,21 @@ trailing newline yet) is left for the next look.
 A run in progress holds a claim, ``${results_dir}/.claims/<run_id>`` (created exclusively, holding its
 pid), so that an identical config started at the same time is skipped instead of run twice; a claim
 whose process is gone (killed) is taken over.
+
+The jobs of a local multirun stop with their sweep: the CLI puts its pid in ``DFQ_BENCH_SWEEP_PARENT``
+before the launcher starts, and a job in a process that this parent spawned directly (a joblib/loky
+worker, a submitit local job) watches its parent; once the parent is gone (killed), it ends its process
+at once, writing no row (its claim is released first). Jobs that a remote launcher (SLURM) runs are
+not children of the submitting process and outlive it, as a cluster job should.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +42,42 @@ class _Index:
 
 
 _INDEXES: dict[str, _Index] = {}
+SWEEP_PARENT_ENV = "DFQ_BENCH_SWEEP_PARENT"
+EXIT_PARENT_GONE = 143  # 128 + SIGTERM: what the job would report had the parent stopped it
+_HELD_CLAIMS: set[Path] = set()  # released by the watchdog before it ends the process
+_watchdog: threading.Thread | None = None
+
+
+def mark_sweep_parent() -> None:
+    """Called by the CLI before a multirun's launcher starts: its job processes learn this pid."""
+    os.environ[SWEEP_PARENT_ENV] = str(os.getpid())
+
+
+def watch_sweep_parent(poll_s: float = 0.2) -> bool:
+    """In a job process spawned directly by the sweep's parent, starts (once) a daemon thread that ends
+    this process as soon as that parent is gone; returns whether this process is watched."""
+    global _watchdog
+    try:
+        parent = int(os.environ.get(SWEEP_PARENT_ENV, ""))
+    except ValueError:
+        return False
+    if parent == os.getpid() or os.getppid() != parent:  # the sweep's own process, or a remote job
+        return False
+    if _watchdog is None:
+        _watchdog = threading.Thread(target=_watch, args=(parent, poll_s), name="sweep-parent", daemon=True)
+        _watchdog.start()
+    return True
+
+
+def _watch(parent: int, poll_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    for path in list(_HELD_CLAIMS):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    print(f"stopped: the sweep's process {parent} is gone; this job (pid {os.getpid()}) writes no row",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_PARENT_GONE)
 
 
 def finished_rows(results_dir: str | Path) -> dict[str, dict]:
@@ -96,9 +141,11 @@ def claim(results_dir: str | Path, run_id: str) -> Iterator[int | None]:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
+        _HELD_CLAIMS.add(path)
         try:
             yield None
         finally:
+            _HELD_CLAIMS.discard(path)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return
