@@ -12,6 +12,8 @@ METHOD_MODULES = {
     "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
     "genie": "dfq_bench.methods.genie:Genie",
+    "powerquant": "dfq_bench.methods.powerquant:PowerQuant",
+    "rex": "dfq_bench.methods.rex:Rex",
     "rtn": "dfq_bench.methods.rtn:RTN",
     "squant": "dfq_bench.methods.squant:Squant",
     "zeroq": "dfq_bench.methods.zeroq:ZeroQ",

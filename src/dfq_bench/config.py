@@ -177,6 +177,11 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     if not 50.0 < p.percentile <= 100.0:
         raise ConfigError(f"protocol.percentile={p.percentile!r} is invalid; valid: (50, 100]")
     if cfg.get("deploy") is not None:
+        # a method whose weights are not on one uniform integer grid (PowerQuant, REx) says why
+        refusal = getattr(METHODS.get(cfg.method.name), "deploy_refusal", None)
+        if refusal:
+            raise ConfigError(f"method {cfg.method.name} cannot run with deploy={cfg.deploy}: {refusal}; "
+                              "valid: deploy=null")
         _check_deploy(cfg.deploy)
     from dfq_bench.core.ranges import RANGE_RULES
 

@@ -97,3 +97,121 @@ def weight_grid(w: Tensor, bits: int, per_channel: bool, symmetric: bool, includ
 def activation_grid(lo: float, hi: float, bits: int, symmetric: bool) -> Grid:
     signed = symmetric and lo < 0
     return grid_from_range(torch.tensor(lo), torch.tensor(hi), bits, symmetric, signed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-uniform grids: the same five members as ``Grid``. Neither is one uniform integer grid, so a
+# method using one cannot be exported for integer execution (its ``deploy_refusal``, checked by
+# config.validate_config before a model is built).
+
+
+def power(x: Tensor, a: float) -> Tensor:
+    """sign(x) |x|^a; exactly ``x`` at a == 1 (no pow is computed)."""
+    return x if a == 1 else torch.sign(x) * x.abs().pow(a)
+
+
+@dataclass
+class PowerGrid:
+    """PowerQuant's grid: a uniform grid on u = sign(w) |w|^a, mapped back by sign(v) |v|^(1/a).
+
+    ``uniform`` is the protocol's grid of u (``power_weight_grid``), so the levels of a channel are
+    still at most 2^b integers and its values at most 2^b distinct reals; a < 1 puts them closer
+    together near 0. At a == 1 every member is the uniform grid's own (bitwise RTN). ``scale`` and
+    ``zero_point`` are the uniform grid's (``QuantLayer`` keeps them; its ``weight_levels()``
+    holds only for a == 1)."""
+
+    a: float
+    uniform: Grid
+
+    @property
+    def scale(self) -> Tensor:
+        return self.uniform.scale
+
+    @property
+    def zero_point(self) -> Tensor:
+        return self.uniform.zero_point
+
+    @property
+    def qmin(self) -> int:
+        return self.uniform.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.uniform.qmax
+
+    def scaled(self, x: Tensor) -> Tensor:
+        return self.uniform.scaled(power(x, self.a))
+
+    def levels(self, x: Tensor) -> Tensor:
+        return self.uniform.levels(power(x, self.a))
+
+    def dequant(self, q: Tensor) -> Tensor:
+        return power(self.uniform.dequant(q), 1.0 / self.a)
+
+    def fake(self, x: Tensor) -> Tensor:
+        return self.dequant(self.levels(x))
+
+
+def power_weight_grid(w: Tensor, a: float, bits: int, per_channel: bool, symmetric: bool,
+                      include_zero: bool = True) -> PowerGrid:
+    """The ``PowerGrid`` of a weight tensor: ``weight_grid`` (the protocol's min/max grid) of
+    sign(w) |w|^a. sign and |.|^a commute with the range rules: the power map is odd and monotone,
+    so u's per-channel [min, max] is the power of w's, and u = 0 where w = 0."""
+    return PowerGrid(float(a), weight_grid(power(w.detach(), a), bits, per_channel, symmetric, include_zero))
+
+
+@dataclass
+class SumGrid:
+    """A weight made of several quantized terms (REx's residual orders): levels ``q`` of shape
+    (K, *weight.shape), q[k] on ``grids[k]``, and w_hat = sum_k mask_k * grids[k].dequant(q[k]).
+
+    ``masks[k]`` is a bool tensor broadcasting against the weight (REx: the output channels the
+    order keeps), or None for all; order 0 is always dense. ``levels(x)`` is the expansion by round
+    to nearest on these fixed grids: q[0] = levels of x, q[k] = levels of the masked residual
+    x - (the first k orders). K == 1: every member is ``grids[0]``'s own. ``scaled``, ``scale``,
+    ``zero_point``, ``qmin``/``qmax`` are order 0's (``QuantLayer`` keeps them)."""
+
+    grids: list
+    masks: list
+
+    @property
+    def scale(self) -> Tensor:
+        return self.grids[0].scale
+
+    @property
+    def zero_point(self) -> Tensor:
+        return self.grids[0].zero_point
+
+    @property
+    def qmin(self) -> int:
+        return self.grids[0].qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.grids[0].qmax
+
+    def scaled(self, x: Tensor) -> Tensor:
+        return self.grids[0].scaled(x)
+
+    def term(self, k: int, q: Tensor) -> Tensor:
+        """Order k's contribution: its dequantized levels, zero outside its mask."""
+        v = self.grids[k].dequant(q)
+        return v if self.masks[k] is None else torch.where(self.masks[k], v, torch.zeros_like(v))
+
+    def levels(self, x: Tensor) -> Tensor:
+        out, residual = [], x
+        for k, grid in enumerate(self.grids):
+            r = residual if self.masks[k] is None else torch.where(self.masks[k], residual, torch.zeros_like(residual))
+            out.append(grid.levels(r))
+            if k + 1 < len(self.grids):
+                residual = residual - self.term(k, out[-1])
+        return torch.stack(out)
+
+    def dequant(self, q: Tensor) -> Tensor:
+        w = self.term(0, q[0])
+        for k in range(1, len(self.grids)):
+            w = w + self.term(k, q[k])
+        return w
+
+    def fake(self, x: Tensor) -> Tensor:
+        return self.dequant(self.levels(x))
