@@ -569,3 +569,258 @@ def test_cle_consumer_kinds_are_a_key_and_links_are_counted_per_kind():
     assert not torch.allclose(out[("conv", "linear")][1], m[8].weight, atol=1e-2)  # rescaled by CLE
     with pytest.raises(ValueError, match=r"method.cle_consumers=\['pool'\] is invalid"):
         dfq(cle_consumers=["pool"])
+
+
+# ---- conv -> depthwise -> conv triplets in closed form (method.cle_triplets) ------------------------
+
+
+def _inverted_residual_net():
+    """stem -> BN -> ReLU6 -> [1x1 expand -> BN -> act -> 3x3 depthwise -> BN -> act -> 1x1 project -> BN]
+    twice (act: ReLU6, then ReLU), then pooling -> flatten -> Linear: the chain stem -> exp1 -> (dw1)
+    -> proj1 -> exp2 -> (dw2) -> proj2 -> fc has two triplets, coupled through the links between them."""
+    torch.manual_seed(0)
+
+    def block(c, e, a):
+        return [nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), a(),
+                nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), a(),
+                nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)]
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                      *block(8, 24, nn.ReLU6), *block(8, 32, nn.ReLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 5))
+    with torch.no_grad():
+        for layer in m:
+            if isinstance(layer, nn.Conv2d):
+                layer.weight.mul_(torch.logspace(-1, 1, layer.out_channels)[torch.randperm(layer.out_channels)]
+                                  .reshape(-1, 1, 1, 1))  # unequal channel ranges
+    return randomize_bn(m).eval()
+
+
+def _legacy_equalize(model, links, tol, max_iter, mode):
+    """The pairwise-only sweep as it was before method.cle_triplets (frozen here as the reference)."""
+    from dfq_bench.methods.dfq import CleResult, _channels, _ScaledLayer
+
+    n_in = {link.consumer: _channels(model.get_submodule(link.producer)) for link in links}
+    layers = {}
+    for link in links:
+        for name in (link.producer, link.consumer):
+            if name not in layers:
+                m = model.get_submodule(name)
+                layers[name] = _ScaledLayer(m, n_in.get(name, m.weight.shape[1]), mode)
+    iters, change = 0, 0.0
+    while links and iters < max_iter:
+        iters, change = iters + 1, 0.0
+        for link in links:
+            p, c = layers[link.producer], layers[link.consumer]
+            r1, r2 = p.out_range(), c.in_range()
+            ok = (r1 > 0) & (r2 > 0)
+            s = torch.where(ok, torch.sqrt(r2 / torch.where(ok, r1, 1.0)), 1.0)
+            p.s_out *= s
+            c.s_in *= s
+            change = max(change, float((s - 1).abs().max()))
+        if change < tol:
+            break
+    for layer in layers.values():
+        layer.write_back()
+    return CleResult(iters, not links or change < tol, change, {})
+
+
+def _folded(model):
+    m, _ = relu6_to_relu(copy.deepcopy(model))
+    fold_bn(m)
+    return m, equalization_links(m)
+
+
+TRIPLET_CASES = [("inverted_residual", _inverted_residual_net, (2, 3, 12, 12), 2),
+                 ("mobilenetv2_fmnist", None, None, 8)]
+
+
+def _triplet_case(name, build, shape):
+    if build is not None:
+        return build(), torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    built = build_registered(name)
+    return randomize_bn(built.model), torch.randn((4, *built.input_size), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("mode", ["absmax", "minmax"])
+@pytest.mark.parametrize("name,build,shape,n_triplets", TRIPLET_CASES, ids=[c[0] for c in TRIPLET_CASES])
+def test_triplets_reach_the_pairwise_fixed_point_in_fewer_sweeps(name, build, shape, n_triplets, mode):
+    model, x = _triplet_case(name, build, shape)
+    (mp, links), (mt, _) = _folded(model), _folded(model)
+    with torch.no_grad():
+        y = mp(x)
+    res_p = equalize(mp, links, 1e-8, 500, mode, triplets=False)
+    res_t = equalize(mt, links, 1e-8, 500, mode, triplets=True)
+    assert res_p.converged and res_t.converged
+    assert (res_p.n_triplets, res_t.n_triplets) == (0, n_triplets)
+    assert res_t.iters < res_p.iters
+    for (k, wp), wt in zip(mp.state_dict().items(), mt.state_dict().values(), strict=True):
+        if wp.is_floating_point():
+            torch.testing.assert_close(wt, wp, rtol=1e-5, atol=1e-6 * float(wp.abs().max()), msg=k)
+    for lk in links:  # the total scales too
+        torch.testing.assert_close(res_t.scales[lk.producer], res_p.scales[lk.producer], rtol=1e-5, atol=0)
+    with torch.no_grad():  # both preserve the (ReLU6 -> ReLU) float function
+        assert rel_err(mt(x), y) < 1e-4 and rel_err(mp(x), y) < 1e-4
+
+
+def _triplet_net(seed, cin=3, mid=6, cout=4, dead=False):
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(cin, mid, 1), nn.ReLU(), nn.Conv2d(mid, mid, 3, groups=mid), nn.ReLU(),
+                      nn.Conv2d(mid, cout, 1))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.randn(m[0].weight.shape, generator=g) * torch.logspace(-1, 1, mid)[:, None, None, None])
+        m[2].weight.copy_(torch.rand(m[2].weight.shape, generator=g) * 2 - 1)
+        m[2].weight.mul_(torch.logspace(1, -1, mid)[:, None, None, None])
+        m[4].weight.copy_(torch.randn(m[4].weight.shape, generator=g) * 3)
+        for layer in (m[0], m[2], m[4]):
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+        if dead:
+            m[0].weight[0] = 0.0  # channel 0: the first link is dead (s12 = 1), the second still balances
+            m[4].weight[:, 1] = 0.0  # channel 1: the second link is dead (s23 = 1)
+    return m.eval()
+
+
+def _ranges(m, mode):
+    """Per channel: layer 1's output row, the depthwise kernel, layer 3's input column (explicit indexing)."""
+    def rng(t):
+        t = t.detach().double()
+        return float(t.max() - t.min()) if mode == "minmax" else float(t.abs().max())
+
+    mid = m[2].weight.shape[0]
+    return torch.tensor([[rng(m[0].weight[i]), rng(m[2].weight[i]), rng(m[4].weight[:, i])] for i in range(mid)],
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["absmax", "minmax"])
+def test_one_closed_form_pass_makes_the_three_ranges_equal(mode):
+    m = _triplet_net(21)
+    r0 = _ranges(m, mode)
+    links = equalization_links(m)
+    pairwise = copy.deepcopy(m)
+    x = torch.randn(8, 3, 7, 7, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = m(x)
+        res = equalize(m, links, 1e-8, 1, mode, triplets=True)
+        assert rel_err(m(x), y) < 1e-5  # the biases of layer 1 and the depthwise conv scaled with them
+    assert (res.iters, res.n_triplets) == (1, 1)
+    r = _ranges(m, mode)
+    geo = r0.prod(1) ** (1 / 3)  # the rescaling keeps r1 * r2 * r3: the balance is their cube root
+    for k in range(3):
+        torch.testing.assert_close(r[:, k], geo, rtol=1e-6, atol=0)
+    equalize(pairwise, links, 1e-8, 1, mode, triplets=False)  # one pairwise sweep does not balance
+    rp = _ranges(pairwise, mode)
+    assert float(((rp[:, 0] - rp[:, 2]).abs() / rp[:, 2]).max()) > 1e-2
+    again = equalize(m, links, 1e-6, 100, mode, triplets=True)  # already the fixed point (to float32)
+    assert again.converged and again.iters == 1
+
+
+def test_closed_form_triplet_with_dead_channels_is_the_pairwise_fixed_point():
+    m = _triplet_net(22, dead=True)
+    ref = copy.deepcopy(m)
+    links = equalization_links(m)
+    assert equalize(m, links, 1e-8, 1, triplets=True).n_triplets == 1
+    assert equalize(ref, links, 1e-12, 2000, triplets=False).converged
+    for a, b in ((m[0].weight, ref[0].weight), (m[2].weight, ref[2].weight), (m[4].weight, ref[4].weight),
+                 (m[0].bias, ref[0].bias), (m[2].bias, ref[2].bias)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    r = _ranges(m, "absmax")
+    assert float(r[0, 0]) == 0.0 and float(r[1, 2]) == 0.0
+    torch.testing.assert_close(r[0, 1], r[0, 2], rtol=1e-6, atol=0)  # dead r1: dw and layer 3 balanced
+    torch.testing.assert_close(r[1, 0], r[1, 1], rtol=1e-6, atol=0)  # dead r3: layer 1 and dw balanced
+
+
+@pytest.mark.parametrize("replace", [True, False], ids=["relu6_to_relu", "relu6_kept"])
+def test_dfq_with_triplets_preserves_the_float_function(replace):
+    """At 16 bits, with and without the ReLU6 replacement (against the float model after it, as the
+    tests above): without it the ReLU6 block has no links, so only the ReLU block is a triplet."""
+    m = _inverted_residual_net()
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    ref = relu6_to_relu(copy.deepcopy(m))[0] if replace else m
+    infos = {}
+    for tri in (True, False):
+        ctx = ctx_for(x[:2], wbits=16, abits=None, first_wbits=None, last_wbits=None)
+        q = dfq(cle_triplets=tri, relu6_to_relu=replace, cle_max_iter=500, bias_correction=False).quantize(m, ctx)
+        with torch.no_grad():
+            assert rel_err(q(x), ref(x)) < 1e-4
+        infos[tri] = {k: ctx.info[k] for k in ("n_cle_pairs", "n_cle_triplets", "cle_converged")}
+    n_links, n_tri = (7, 2) if replace else (4, 1)  # ReLU6 kept: stem -> exp1 -> dw1 -> proj1 unlinked
+    assert infos[True] == {"n_cle_pairs": n_links, "n_cle_triplets": n_tri, "cle_converged": True}
+    assert infos[False] == {"n_cle_pairs": n_links, "n_cle_triplets": 0, "cle_converged": True}
+
+
+@pytest.mark.parametrize("mode", ["absmax", "minmax"])
+def test_cle_triplets_false_is_the_previous_pairwise_sweep_bit_for_bit(mode):
+    model = _inverted_residual_net()
+    (a, links), (b, _) = _folded(model), _folded(model)
+    res = equalize(a, links, 1e-8, 100, mode, triplets=False)
+    old = _legacy_equalize(b, links, 1e-8, 100, mode)
+    assert (res.iters, res.converged, res.last_change, res.n_triplets) == (old.iters, old.converged,
+                                                                           old.last_change, 0)
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # end to end, the method at the legacy value runs that sweep (same quantized weights)
+    x = torch.randn(2, 3, 12, 12)
+    ctx = ctx_for(x, wbits=8, abits=None)
+    q = dfq(cle_triplets=False, cle_range=mode, bias_absorption=False, bias_correction=False).quantize(model, ctx)
+    assert ctx.info["cle_iters"] == old.iters and ctx.info["n_cle_triplets"] == 0
+    for lk in links:  # biases stay float: the legacy sweep's, bit for bit
+        assert torch.equal(q.get_submodule(lk.producer).layer.bias, b.get_submodule(lk.producer).bias)
+
+
+def test_dfq_on_a_model_without_triplets_is_unchanged_by_the_key():
+    m = make_test_cnn(0)
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
+    out = []
+    for tri in (True, False):
+        ctx = ctx_for(torch.zeros(2, 3, 32, 32), 4, 4, calib)
+        q = dfq(cle_triplets=tri).quantize(m, ctx)
+        out.append((q, ctx.info["n_cle_triplets"], ctx.info["cle_iters"]))
+    assert out[0][1:] == (0, out[1][2]) and out[1][1] == 0
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(out[0][0](x), out[1][0](x))
+
+
+def test_zoo_mobilenetv2_fmnist_legacy_sweeps_match_the_committed_rows():
+    """The committed rows (pairwise sweep) report cle_iters; the legacy value reproduces it, the
+    default solves the 8 triplets in closed form in fewer sweeps."""
+    import json
+    from pathlib import Path
+
+    from dfq_bench.config import ModelConfig
+    from dfq_bench.registry import MODELS
+
+    rows = [json.loads(line) for line in
+            (Path(__file__).parents[1] / "results" / "dfq_ablation" / "runs.jsonl").read_text().splitlines()]
+    committed = {r["cle_iters"] for r in rows if r["model"] == "mobilenetv2_fmnist" and r.get("cle_iters")}
+    built = MODELS.get("mobilenetv2_fmnist")(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                             {"name": "mobilenetv2_fmnist", "weights": "zoo"}))
+    got = {}
+    for tri in (False, True):
+        ctx = ctx_for(torch.zeros(2, *built.input_size), wbits=8, abits=None)
+        dfq(cle_triplets=tri, bias_absorption=False, bias_correction=False).quantize(built.model, ctx)
+        got[tri] = (ctx.info["cle_iters"], ctx.info["n_cle_triplets"])
+    assert committed == {got[False][0]} and got[False][1] == 0
+    assert got[True][1] == 8 and got[True][0] < got[False][0]
+
+
+def test_run_id_at_the_legacy_value_is_the_run_id_without_the_key():
+    """cle_triplets=false (and any value with cle=false) is not hashed: the committed rows keep their
+    run_ids; the default (true) is a new run. The committed reference row of DFQ on resnet20_fmnist
+    W4 is found at the legacy value."""
+    import json
+    from pathlib import Path
+
+    from helpers import compose_cfg
+
+    from dfq_bench.run.runner import run_id
+
+    base = ["method=dfq", "model=resnet20_fmnist", "wbits=4", "seed=0", "abits=null", "dataset=fashion_mnist",
+            "dataset.limit=2000"]
+    rid = lambda *o: run_id(compose_cfg([*base, *o]))  # noqa: E731
+    without = rid("~method.cle_triplets")
+    assert rid("method.cle_triplets=false") == without != rid() == rid("method.cle_triplets=true")
+    assert rid("method.cle=false") == rid("method.cle=false", "~method.cle_triplets") == rid(
+        "method.cle=false", "method.cle_triplets=false")
+    committed = {r["run_id"] for r in map(json.loads, (Path(__file__).parents[1] / "results" / "reference" /
+                                                     "runs.jsonl").read_text().splitlines())}
+    assert without in committed and rid() not in committed

@@ -316,6 +316,9 @@ def identity_config(cfg: DictConfig) -> dict:
         d.pop(key, None)
     if d.get("protocol", {}).get("w_range") == "include_zero":  # every run before the key existed
         d["protocol"].pop("w_range")
+    dfq = d.get("method") or {}  # DFQ's pairwise-only CLE (every run before the key existed), or no CLE
+    if dfq.get("name") == "dfq" and (dfq.get("cle_triplets") is False or dfq.get("cle") is False):
+        dfq.pop("cle_triplets", None)
     if d.get("paper") is None:  # keeps the run_ids of runs without an overlay unchanged
         d.pop("paper", None)
     if d.get("deploy") is None:  # likewise for runs without the deployed-integer check
