@@ -256,7 +256,8 @@ def test_committed_reference_rows_are_recomputed_exactly(tmp_path):
     """The committed sweep (results/reference) recomputed on today's core: same run_id, accuracies,
     agreement and KL. Its activation rows were calibrated on raw uniform noise: ``data.space=raw``
     since the noise control moved to the model's input space (SQuant's rule still resolves ``auto``
-    to raw), and a run on raw noise keeps the run_id it had before that key existed."""
+    to raw), and a run on raw noise keeps the run_id it had before that key existed; likewise DFQ's row
+    runs with ``method.cle_triplets=false``, the sweep of its time."""
     committed = {}
     for line in (REPO / "results" / "reference" / "runs.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -268,6 +269,8 @@ def test_committed_reference_rows_are_recomputed_exactly(tmp_path):
         overrides = [f"method={method}", f"model={model}", f"wbits={wbits}", f"seed={seed}",
                      f"abits={'null' if abits is None else abits}", "dataset=fashion_mnist", "dataset.limit=2000",
                      f"results_dir={tmp_path}", f"eval_cache={tmp_path / 'cache'}", "progress=false"]
+        if method == "dfq":  # made before DFQ solved CLE triplets in closed form: the previous sweep, whose
+            overrides.append("method.cle_triplets=false")  # value is not hashed (the run_id it had)
         if abits is not None:
             assert want["data"]["name"] == "noise" and "space" not in want["data"]
             if method != "squant":
