@@ -15,10 +15,11 @@ Kept channels of order k: the ceil(keep * O) output channels (at least one) with
 of the residual entering order k, ties by channel index. ``orders=1`` is the base method exactly
 (bitwise: the same grid and levels, no sum computed).
 
-Effective bits per weight (``rex_eff_wbits``), over the planned (quantized) layers l with b_l bits
-and n_l weights, order k >= 2 keeping m_lk weights (kept channels times weights per channel):
+Effective bits per weight (``eff_wbits``, a field of every row; here with all orders), over the
+planned (quantized) layers l with b_l bits and n_l weights, order k >= 2 keeping m_lk weights (kept
+channels times weights per channel):
 
-    rex_eff_wbits = sum_l b_l * (n_l + sum_{k>=2} m_lk) / sum_l n_l
+    eff_wbits = sum_l b_l * (n_l + sum_{k>=2} m_lk) / sum_l n_l
 
 and ``rex_base_wbits`` the same without the orders >= 2 (the uniform point at the same settings,
 first/last layers at their own bits included), so the reporter can place a REx point at its true
@@ -71,7 +72,7 @@ def kept_channels(residual: Tensor, keep: float) -> Tensor:
 
 
 def effective_bits(layers: list[tuple[int, int, list[int]]]) -> tuple[float, float]:
-    """(rex_eff_wbits, rex_base_wbits) of ``layers``: (bits b_l, weights n_l, [weights kept by each
+    """(eff_wbits, rex_base_wbits) of ``layers``: (bits b_l, weights n_l, [weights kept by each
     order >= 2]) per quantized layer (module docstring)."""
     n = sum(n_l for _, n_l, _ in layers)
     if n == 0:
@@ -147,7 +148,7 @@ class Rex(Method):
                 state.grids[p.name] = SumGrid(grids, masks)
                 state.levels[p.name] = torch.stack(levels)
         eff, base = effective_bits(sizes)
-        state.info.update(rex_orders=c.orders, rex_keep=c.keep, rex_base=c.base, rex_eff_wbits=eff,
+        state.info.update(rex_orders=c.orders, rex_keep=c.keep, rex_base=c.base, eff_wbits=eff,
                           rex_base_wbits=base, rex_werr=[e / norm if norm > 0 else 0.0 for e in err])
 
 

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from dfq_bench.methods.powerquant import PowerQuant, lattice, recon_error, search_exponent
-from helpers import REPO, cli, compose_cfg, rows_in
+from helpers import REPO, cli, compose_cfg, quant_ctx, rows_in
 
 import dfq_bench
 from dfq_bench.config import ConfigError, validate_config
@@ -236,3 +236,35 @@ def test_bad_keys_fail_before_any_model_is_built(override, message):
         validate_config(compose_cfg(["method=powerquant", override]))
     with pytest.raises(ConfigError):
         PowerQuant(compose_cfg(["method=powerquant", override]).method)
+
+
+@pytest.mark.parametrize("method", ["powerquant", "rex"])
+def test_the_exporter_itself_refuses_a_non_uniform_grid_by_name(method, tmp_path):
+    """Called from Python (no validate_config in front), export names the grid instead of reporting
+    weights "changed after rounding"."""
+    pytest.importorskip("onnx")
+    from helpers import make_method
+
+    from dfq_bench.deploy.export import ExportError, export
+
+    x = torch.zeros(1, 3, 16, 16)
+    kw = {"a": 0.7} if method == "powerquant" else {}
+    q = make_method(method, **kw).quantize(make_test_cnn(seed=0), quant_ctx(4, 8, x, [torch.rand(4, 3, 16, 16)]))
+    kind = "PowerGrid" if method == "powerquant" else "SumGrid"
+    with pytest.raises(ExportError, match=rf"its weight grid is {kind}, not a uniform grid"):
+        export(q, x, tmp_path / "m.onnx")
+
+
+def test_every_row_has_its_effective_bits_per_weight():
+    """eff_wbits = sum bits x weights / weights over the quantized layers, written here from the
+    protocol's rule: first and last layers at 8 bits, the others at wbits."""
+    model = make_test_cnn(seed=0)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    sizes = [m.weight.numel() for m in layers]
+    want = (8 * sizes[0] + 3 * sum(sizes[1:-1]) + 8 * sizes[-1]) / sum(sizes)
+    x = torch.zeros(1, 3, 16, 16)
+    for name in ("rtn", "squant", "powerquant"):
+        _, info = dfq_bench.quantize(model, name, wbits=3, abits=None, example_input=x)
+        assert info["eff_wbits"] == pytest.approx(want, rel=1e-12), name
+    _, info = dfq_bench.quantize(model, "rtn", wbits=3, abits=None, example_input=x, protocol="squant_paper")
+    assert info["eff_wbits"] == 3.0  # every layer at wbits

@@ -71,7 +71,7 @@ def test_one_order_equals_its_base_method_exactly(base, protocol_keys):
     q_base, _ = quantized(base, protocol_keys=protocol_keys)
     sd_rex, sd_base = q_rex.state_dict(), q_base.state_dict()
     assert sd_rex.keys() == sd_base.keys() and all(torch.equal(sd_rex[k], sd_base[k]) for k in sd_rex)
-    assert info["rex_orders"] == 1 and info["rex_eff_wbits"] == info["rex_base_wbits"]
+    assert info["rex_orders"] == 1 and info["eff_wbits"] == info["rex_base_wbits"]
     assert len(info["rex_werr"]) == 1
 
 
@@ -166,13 +166,13 @@ def test_effective_bits_of_a_hand_made_case():
     _, info = quantized("rex", Tiny(), wbits=3, x=torch.randn(2, 3, 8, 8), orders=2, keep=0.3)
     base = (8 * 108 + 3 * 216 + 8 * 60) / 384  # 5.1875
     assert info["rex_base_wbits"] == base
-    assert info["rex_eff_wbits"] == (8 * (108 + 54) + 3 * (216 + 72) + 8 * (60 + 18)) / 384  # 7.25
+    assert info["eff_wbits"] == (8 * (108 + 54) + 3 * (216 + 72) + 8 * (60 + 18)) / 384  # 7.25
     _, info3 = quantized("rex", Tiny(), wbits=3, x=torch.randn(2, 3, 8, 8), orders=3, keep=0.3)
-    assert info3["rex_eff_wbits"] == (8 * (108 + 2 * 54) + 3 * (216 + 2 * 72) + 8 * (60 + 2 * 18)) / 384  # 9.3125
+    assert info3["eff_wbits"] == (8 * (108 + 2 * 54) + 3 * (216 + 2 * 72) + 8 * (60 + 2 * 18)) / 384  # 9.3125
     # every layer at 4 bits, all channels kept: K orders are K * 4 bits
     _, info4 = quantized("rex", Tiny(), wbits=4, x=torch.randn(2, 3, 8, 8), orders=3, keep=1.0,
                          protocol_keys={"first_wbits": None, "last_wbits": None})
-    assert info4["rex_eff_wbits"] == 12.0 and info4["rex_base_wbits"] == 4.0
+    assert info4["eff_wbits"] == 12.0 and info4["rex_base_wbits"] == 4.0
     assert effective_bits([(4, 100, [50, 25]), (8, 10, [10, 0])]) == ((4 * 175 + 8 * 20) / 110, (400 + 80) / 110)
 
 
@@ -186,9 +186,9 @@ def test_row_records_orders_keep_and_effective_bits(tmp_path):
                            "method.orders=3", "method.keep=0.25", "dataset.num_samples=64", "data.num_samples=16",
                            f"results_dir={tmp_path}"]))
     assert row["status"] == "ok" and row["rex_orders"] == 3 and row["rex_keep"] == 0.25 and row["rex_base"] == "rtn"
-    assert row["rex_base_wbits"] < row["rex_eff_wbits"] < 3 * row["rex_base_wbits"]
+    assert row["rex_base_wbits"] < row["eff_wbits"] < 3 * row["rex_base_wbits"]
     assert len(row["rex_werr"]) == 3 and row["act_range"] == "minmax"
-    assert rows_in(tmp_path)[-1]["rex_eff_wbits"] == row["rex_eff_wbits"]
+    assert rows_in(tmp_path)[-1]["eff_wbits"] == row["eff_wbits"]
 
 
 def test_deploy_is_refused_in_one_line_exit_2_and_no_row(tmp_path):

@@ -165,6 +165,7 @@ class Method:
             else ctx.planner
         state.plans = planner(state.model, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)
         state.info["n_layers"] = len(state.plans)
+        state.info["eff_wbits"] = effective_wbits(state.plans)
 
     def grid(self, state: QuantState) -> None:
         for p in state.plans:
@@ -221,6 +222,15 @@ class Method:
 
     def train(self, state: QuantState) -> None:
         """Optional optimisation of the quantized model (block reconstruction, fine-tuning)."""
+
+
+def effective_wbits(plans: list[LayerPlan]) -> float | None:
+    """Stored bits per weight over the layers with quantized weights: sum of bits x weights / weights
+    (the first and last layers at their own bits; scales, zero-points and float layers not counted).
+    None when no layer has quantized weights."""
+    sized = [(p.w_bits, p.module.weight.numel()) for p in plans if p.w_bits is not None]
+    n = sum(k for _, k in sized)
+    return sum(b * k for b, k in sized) / n if n else None
 
 
 def copy_frozen(model: nn.Module) -> nn.Module:

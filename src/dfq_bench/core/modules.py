@@ -118,6 +118,7 @@ class QuantLayer(nn.Module):
             self.register_buffer("w_scale", w_grid.scale.detach().clone())
             self.register_buffer("w_zero_point", w_grid.zero_point.detach().clone())
             self.w_qmin, self.w_qmax = w_grid.qmin, w_grid.qmax
+            self.w_grid_kind = "uniform" if type(w_grid) is Grid else type(w_grid).__name__  # export refuses others
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_quant is not None:

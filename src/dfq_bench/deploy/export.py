@@ -131,6 +131,10 @@ def weight_params(name: str, ql: QuantLayer) -> tuple[np.ndarray, np.ndarray, np
         raise ExportError(f"cannot export layer {name!r} for integer execution: w_bits={ql.w_bits} "
                           f"(wbits / protocol.first_wbits / last_wbits); integer kernels take at most "
                           f"{MAX_BITS}-bit weights")
+    kind = getattr(ql, "w_grid_kind", "uniform")
+    if kind != "uniform":
+        raise ExportError(f"cannot export layer {name!r} for integer execution: its weight grid is {kind}, not "
+                          "a uniform grid (PowerQuant, REx); integer kernels take uniform grids")
     levels = ql.weight_levels().detach()
     scale, zp = ql.w_scale.detach(), ql.w_zero_point.detach()
     back = (levels - zp) * scale

@@ -48,6 +48,8 @@ SCHEMA: dict[str, dict[str, str]] = {
     "run info": {  # set as the run gets there: absent from a row that failed before; `dummy` has no counts
         "dataset_info": "the evaluation set as loaded (source, split, limit, preprocessing)",
         "act_range n_layers n_bn_folded n_act_quant n_act_bn_rule": "what the pipeline did",
+        "eff_wbits": "stored bits per weight over the quantized layers (first/last layers at their own bits; "
+        "REx's extra orders counted; scales not counted)",
         "bn_fold_rule n_norm_act_split n_bn_unfolded": "how BN was folded (`graph`, or `module` for an untraceable "
         "model; null when not folded), fused norm-activation modules split, BN modules left unfolded",
     },
