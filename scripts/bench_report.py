@@ -5,7 +5,9 @@
 Writes a runs.jsonl of ``--rows`` rows (5 methods x 9 bit-widths x 3 models x as many seeds as it
 takes; 1% failed rows, 1% reruns of earlier run_ids, one corrupt line), then runs
 ``python -m dfq_bench.report`` on it in a subprocess (so interpreter start and imports count, as for a
-user), tables only and tables + plots, and prints the median wall time of ``--repeats`` runs each.
+user): tables only, tables + plots, the HTML page alone (without plots) and everything (the default:
+tables, plots and the page), and prints the median wall time of ``--repeats`` runs each. The page lists at
+most 100 runs per cell and rebuilds the commands of at most 300 rows without one (results/html.py).
 """
 
 from __future__ import annotations
@@ -98,13 +100,16 @@ def main() -> None:
         base = [sys.executable, "-m", "dfq_bench.report", str(runs), "--out", str(Path(tmp) / "out")]
         load_before = os.getloadavg()[0]
         startup = median_of([sys.executable, "-c", "import dfq_bench.results.report"], args.repeats)
-        tables = median_of([*base, "--no-plots"], args.repeats)
+        tables = median_of([*base, "--no-plots", "--no-html"], args.repeats)
+        with_plots = median_of([*base, "--no-html"], args.repeats)
+        page = median_of([*base, "--html", "--no-plots"], args.repeats)
         full = median_of(base, args.repeats)
     print(f"reporter on {args.rows} rows ({size_mb:.0f} MB runs.jsonl), median of {args.repeats}; "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"  {'':26s}{'wall':>8s}{'CPU':>8s}  wall / 10 s target")
     for name, (wall, cpu) in (("interpreter + import only", startup), ("tables only", tables),
-                              ("tables + plots", full)):
+                              ("tables + plots", with_plots), ("HTML page only (no plots)", page),
+                              ("all (tables, plots, page)", full)):
         print(f"  {name:26s}{wall:7.2f}s{cpu:7.2f}s  {wall / 10.0:.2f}")
 
 

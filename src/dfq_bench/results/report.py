@@ -1,4 +1,4 @@
-"""Reporter: result rows -> tables (Markdown, CSV, LaTeX) and plots (PNG, PDF). Reads rows only.
+"""Reporter: result rows -> tables (Markdown, CSV, LaTeX), plots (PNG, PDF) and an HTML page. Reads rows only.
 
     python -m dfq_bench.report results/runs.jsonl [more/runs.jsonl ...] --out results/report
 
@@ -17,9 +17,12 @@ here, per row, as top1 - top1_fp32 of the same row. Rows that carry a ``paper`` 
 overlays) get a side-by-side table: ours, the published number, and the difference.
 
 Outputs in ``--out``: tables.md, tables.tex, summary.csv (long format, one line per cell),
-failed.csv, and per (model, dataset) acc_vs_bits__<model>__<dataset>.{png,pdf} and
-acc_vs_time__<model>__<dataset>.{png,pdf}. Everything is sorted and formatted with fixed precision,
-and the plots carry no date or software version, so the same rows give the same bytes.
+failed.csv, per (model, dataset) acc_vs_bits__<model>__<dataset>.{png,pdf} and
+acc_vs_time__<model>__<dataset>.{png,pdf} (and acc_vs_size__... where runs record their effective weight
+bits, ``SIZE_FIELDS``), and the results page index.html (results/html.py: the tables sortable, the plots,
+every run with its provenance and command; ``--html``: the page alone, ``--no-html``: no page;
+``--index DIR``: DIR/index.html linking DIR/*/index.html). Everything is sorted and formatted with fixed
+precision, and the plots carry no date or software version, so the same rows give the same bytes.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class Cell:
     paper_top1: float | None = None
     paper_fp32: float | None = None
     paper_source: str | None = None
+    rows: list[dict] = field(default_factory=list, repr=False, compare=False)  # its runs, in file order
 
     @property
     def bits(self) -> str:
@@ -221,7 +225,7 @@ def aggregate(rows: list[dict]) -> tuple[list[Cell], list[str]]:
         entry = by_method.get(method_key)
         if entry is None:
             entry = by_method[method_key] = (_Signatures(), [])
-        entry[1].append((entry[0].index(sig), key[3], key[4], key[5], vals, r.get("paper")))
+        entry[1].append((entry[0].index(sig), key[3], key[4], key[5], vals, r.get("paper"), r))
     cells = []
     for (model, dataset, method), (sigs, items) in sorted(by_method.items()):
         facets = [_facets(s) for s in sigs.known]
@@ -240,7 +244,8 @@ def aggregate(rows: list[dict]) -> tuple[list[Cell], list[str]]:
             if len(seeds) != len(grp):
                 warnings.append(f"{model}/{dataset} {variant} {bits_label(wbits, abits)}: {len(grp)} runs "
                                 f"for {len(seeds)} seeds (runs differing in unrecorded settings are pooled)")
-            cell = Cell(model, dataset, method, variant, wbits, abits, len(grp), len(seeds), stats)
+            cell = Cell(model, dataset, method, variant, wbits, abits, len(grp), len(seeds), stats,
+                        rows=[it[6] for it in grp])
             papers = {_paper_numbers(it[5], method, cell.bits) for it in grp if it[5]} - {(None, None, None)}
             if papers:
                 cell.paper_top1, cell.paper_fp32, cell.paper_source = sorted(papers, key=repr)[-1]
@@ -479,6 +484,26 @@ def slug(s: str) -> str:
 
 
 def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
+    """Writes each figure of ``figures`` as PNG and PDF into ``out_dir``."""
+    written = []
+    for stem, fig in figures(cells):
+        written += _save(fig, out_dir / stem)
+    return written
+
+
+SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")  # effective weight bits per weight: mixed precision, REx
+
+
+def cell_size(cell: Cell) -> float:
+    """Mean effective weight bits per weight of the cell's runs (nan where no run records one)."""
+    return _mean_std(next((r[f] for f in SIZE_FIELDS if _number(r.get(f)) is not None), None)
+                     for r in cell.rows)[0]
+
+
+def figures(cells: list[Cell]):
+    """Yields (file stem, matplotlib figure) per plot and (model, dataset): accuracy vs bit-width,
+    accuracy vs quantization time and, where runs record their effective weight bits
+    (``SIZE_FIELDS``), accuracy vs size. The figure is closed when the caller asks for the next."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,7 +511,6 @@ def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
     from cycler import cycler
     from matplotlib.ticker import LogFormatter
 
-    written = []
     colors = plt.get_cmap("tab10").colors
     rc = {**RC, "axes.prop_cycle": cycler(color=colors)}
     markers = "osD^vP*Xh<>p"
@@ -521,7 +545,7 @@ def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
             ax.set_title(f"{model} / {dataset}: accuracy vs bit-width")
             ax.grid(alpha=0.3)
             ax.legend(**LEGEND)
-            written += _save(fig, out_dir / f"acc_vs_bits__{name}")
+            yield f"acc_vs_bits__{name}", fig
             plt.close(fig)
             # accuracy vs quantization time, log x; one marker per method, one point per bit-width
             fig, ax = plt.subplots(figsize=(9, 4))
@@ -542,9 +566,29 @@ def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
             ax.set_title(f"{model} / {dataset}: accuracy vs quantization time")
             ax.grid(alpha=0.3, which="both")
             ax.legend(**LEGEND)
-            written += _save(fig, out_dir / f"acc_vs_time__{name}")
+            yield f"acc_vs_time__{name}", fig
             plt.close(fig)
-    return written
+            sized = [(v, [c for c in (grid.get((v, lab)) for lab in labels) if c and not math.isnan(cell_size(c))])
+                     for v in variants]
+            if not any(pts for _, pts in sized):
+                continue
+            # accuracy vs size (effective weight bits per weight), one marker per method
+            fig, ax = plt.subplots(figsize=(9, 4))
+            for i, (v, pts) in enumerate(sized):
+                if not pts:
+                    continue
+                xs, ys = [cell_size(p) for p in pts], [p.stats["top1"][0] for p in pts]
+                ax.scatter(xs, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)], label=v, s=22)
+                for xv, y, p in zip(xs, ys, pts, strict=True):
+                    ax.annotate(p.bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6,
+                                color=colors[i % len(colors)])
+            ax.set_xlabel("effective weight bits per weight (size)")
+            ax.set_ylabel("top-1 (%)")
+            ax.set_title(f"{model} / {dataset}: accuracy vs size")
+            ax.grid(alpha=0.3)
+            ax.legend(**LEGEND)
+            yield f"acc_vs_size__{name}", fig
+            plt.close(fig)
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -558,8 +602,11 @@ def _save(fig, stem: Path) -> list[Path]:
 # --- command -----------------------------------------------------------------------------------
 
 
-def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True) -> tuple[Rows, list[Path]]:
-    """Writes every table (and plot) of ``paths`` into ``out_dir``; returns the rows and the files."""
+def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True, html: bool = True,
+           tables: bool = True, title: str | None = None) -> tuple[Rows, list[Path]]:
+    """Writes every table (``tables``), plot (``make_plots``, with the tables) and the HTML page (``html``,
+    titled ``title``, default ``dfq_bench results: <the directory of the rows>``) of ``paths`` into ``out_dir``;
+    returns the rows and the files."""
     gc_was_on = gc.isenabled()
     gc.disable()  # rows are acyclic JSON: the cycle collector would rescan 100,000s of live dicts
     try:
@@ -572,23 +619,46 @@ def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("tables.md", markdown(rows, cells)), ("tables.tex", latex(cells)),
-                       ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
-        (out_dir / name).write_text(text, encoding="utf-8")
-        written.append(out_dir / name)
-    if make_plots and cells:
-        written += plots(cells, out_dir)
+    if tables:
+        for name, text in (("tables.md", markdown(rows, cells)), ("tables.tex", latex(cells)),
+                           ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
+            (out_dir / name).write_text(text, encoding="utf-8")
+            written.append(out_dir / name)
+        if make_plots and cells:
+            written += plots(cells, out_dir)
+    if html:
+        from dfq_bench.results.html import write_page
+
+        dirs = dict.fromkeys(Path(p).resolve().parent.name for p in paths)
+        title = title or f"dfq_bench results: {', '.join(dirs)}"
+        written.append(write_page(rows, cells, out_dir, title, [str(p) for p in paths], make_plots))
     return rows, written
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dfq_bench.report", description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="runs.jsonl files (later files win for repeated run_ids)")
-    ap.add_argument("--out", required=True, help="output directory for tables and plots")
-    ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument("runs", nargs="*", help="runs.jsonl files (later files win for repeated run_ids)")
+    ap.add_argument("--out", help="output directory for tables, plots and the HTML page")
+    ap.add_argument("--no-plots", action="store_true", help="tables only (and the HTML page without plots)")
+    ap.add_argument("--html", action="store_true", help="only the HTML page (index.html; written by default "
+                    "beside the tables)")
+    ap.add_argument("--no-html", action="store_true", help="no HTML page")
+    ap.add_argument("--title", help="the HTML page's title (default: dfq_bench results: <the runs files' "
+                    "directory>)")
+    ap.add_argument("--index", metavar="DIR", help="(re)write DIR/index.html linking the pages DIR/*/index.html, "
+                    "after the report if runs are given")
     ap.add_argument("--wandb", action="store_true", help="also log the summary table and plots to wandb")
     ap.add_argument("--wandb-project", default="dfq_bench")
     args = ap.parse_args(argv)
+    if args.html and args.no_html:
+        ap.error("--html and --no-html exclude each other")
+    if not args.runs or args.out is None:
+        if args.index and not args.runs and args.out is None:
+            from dfq_bench.results.html import write_index
+
+            print(f"-> {write_index(args.index)}")
+            return 0
+        ap.error("the runs files and --out are required (or --index DIR alone)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"error: --out={args.out!r} is a file; valid: a directory (created if missing)", file=sys.stderr)
         return 2
@@ -602,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out={args.out!r} cannot be made ({e.strerror or e}); valid: a directory (created if "
               "missing)", file=sys.stderr)
         return 2
-    rows, written = report(args.runs, args.out, make_plots=not args.no_plots)
+    rows, written = report(args.runs, args.out, make_plots=not args.no_plots, html=not args.no_html,
+                           tables=not args.html, title=args.title)
     for w in rows.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{len(rows.ok)} finished runs, {len(rows.failed)} failed, {rows.n_superseded} superseded rows "
@@ -611,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         from dfq_bench.run.loggers import log_report
 
         log_report(args.out, project=args.wandb_project)
+    if args.index:
+        from dfq_bench.results.html import write_index
+
+        print(f"-> {write_index(args.index)}")
     return 0
 
 
