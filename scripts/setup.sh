@@ -30,3 +30,14 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
          "dataset-fashion-mnist, or pass dataset.root=DIR (or let torchvision download it)"
   fi
 fi
+
+# Headless Chromium for the results-page test (tests/test_report_html.py opens the HTML page in it).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium (Debian package chromium)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+        >/dev/null; } || echo "[setup] chromium not installed: tests/test_report_html.py skips (fails under CI)"
+  else
+    echo "[setup] no chromium: tests/test_report_html.py skips; install Debian's chromium to run it"
+  fi
+fi
