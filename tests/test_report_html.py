@@ -254,7 +254,9 @@ def test_the_committed_reference_page_is_reproduced_and_opens_offline_with_its_2
 def test_html_only_no_html_the_index_and_the_size_plot(tmp_path):
     runs = tmp_path / "in"
     runs.mkdir()
-    for r in (*ROWS[:3], make_row("mp", wbits=3, abits=None, top1=40.0, eff_wbits=3.4)):
+    sized = [make_row("u4", abits=None, top1=58.0, eff_wbits=4.3), make_row("u3", wbits=3, abits=None, eff_wbits=3.4),
+             make_row("mp4", method="rex", abits=None, top1=59.0, eff_wbits=5.1)]
+    for r in (*ROWS[:3], *sized):
         append_row(runs, r)
     base = [sys.executable, "-m", "dfq_bench.report", str(runs / "runs.jsonl")]
     ok = subprocess.run([*base, "--out", str(tmp_path / "a" / "x"), "--html"], capture_output=True, text=True,
@@ -262,13 +264,19 @@ def test_html_only_no_html_the_index_and_the_size_plot(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in (tmp_path / "a" / "x").iterdir()) == [html.PAGE]
     page = (tmp_path / "a" / "x" / html.PAGE).read_text()
-    assert "<title>dfq_bench results: in</title>" in page and page.count("<svg") == 3  # bits, time, size
+    assert "<title>dfq_bench results: in</title>" in page and page.count("<svg") == 3  # bits, time, size (rex at W4A32)
     assert 'id="fig-acc_vs_size__net_a__ds_1"' in page
     no = subprocess.run([*base, "--out", str(tmp_path / "b"), "--no-html", "--no-plots", "--index",
                          str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
     assert no.returncode == 0, no.stderr
     assert html.PAGE not in {p.name for p in (tmp_path / "b").iterdir()}
     index = (tmp_path / "a" / html.PAGE).read_text()
-    assert '<a href="x/index.html">x</a>' in index and '<td data-v="4">4</td>' in index
+    assert '<a href="x/index.html">x</a>' in index and '<td data-v="6">6</td>' in index
     report.report([runs / "runs.jsonl"], tmp_path / "c", make_plots=True)
     assert (tmp_path / "c" / "acc_vs_size__net_a__ds_1.png").is_file() and (tmp_path / "c" / html.PAGE).is_file()
+    # uniform runs only (their size follows from their bits): no size plot
+    (runs / "runs.jsonl").write_text("")
+    for r in (*ROWS[:3], *sized[:2]):
+        append_row(runs, r)
+    report.report([runs / "runs.jsonl"], tmp_path / "d", tables=False)
+    assert (tmp_path / "d" / html.PAGE).read_text().count("<svg") == 2

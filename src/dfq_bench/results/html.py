@@ -322,7 +322,7 @@ def svg_text(fig, prefix: str) -> str:
 PLOT_CAPTIONS = {
     "acc_vs_bits": "Top-1 vs bit setting; error bars: std over seeds; dashed: FP32.",
     "acc_vs_time": "Top-1 vs quantization time (log scale; synthetic data not included).",
-    "acc_vs_size": "Top-1 vs size: effective weight bits per weight, where the runs record it.",
+    "acc_vs_size": "Top-1 vs size: stored bits per weight, of every cell whose runs record it.",
 }
 
 

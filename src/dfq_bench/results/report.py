@@ -18,8 +18,8 @@ overlays) get a side-by-side table: ours, the published number, and the differen
 
 Outputs in ``--out``: tables.md, tables.tex, summary.csv (long format, one line per cell),
 failed.csv, per (model, dataset) acc_vs_bits__<model>__<dataset>.{png,pdf} and
-acc_vs_time__<model>__<dataset>.{png,pdf} (and acc_vs_size__... where runs record their effective weight
-bits, ``SIZE_FIELDS``), and the results page index.html (results/html.py: the tables sortable, the plots,
+acc_vs_time__<model>__<dataset>.{png,pdf} (and acc_vs_size__... where mixed-precision runs exist:
+``mixed_precision``), and the results page index.html (results/html.py: the tables sortable, the plots,
 every run with its provenance and command; ``--html``: the page alone, ``--no-html``: no page;
 ``--index DIR``: DIR/index.html linking DIR/*/index.html). Everything is sorted and formatted with fixed
 precision, and the plots carry no date or software version, so the same rows give the same bytes.
@@ -491,19 +491,30 @@ def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
     return written
 
 
-SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")  # effective weight bits per weight: mixed precision, REx
+SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")  # stored bits per weight (the first a row has)
 
 
 def cell_size(cell: Cell) -> float:
-    """Mean effective weight bits per weight of the cell's runs (nan where no run records one)."""
+    """Mean stored bits per weight of the cell's runs (nan where no run records them)."""
     return _mean_std(next((r[f] for f in SIZE_FIELDS if _number(r.get(f)) is not None), None)
                      for r in cell.rows)[0]
 
 
+def mixed_precision(cells: list[Cell]) -> bool:
+    """Whether some runs' size is not given by their bit setting: two cells of one bit setting (W4A4)
+    differ in stored bits per weight (a per-layer planner, REx's extra orders)."""
+    sizes: dict[str, set] = defaultdict(set)
+    for c in cells:
+        size = cell_size(c)
+        if not math.isnan(size):
+            sizes[c.bits].add(round(size, 6))
+    return any(len(v) > 1 for v in sizes.values())
+
+
 def figures(cells: list[Cell]):
     """Yields (file stem, matplotlib figure) per plot and (model, dataset): accuracy vs bit-width,
-    accuracy vs quantization time and, where runs record their effective weight bits
-    (``SIZE_FIELDS``), accuracy vs size. The figure is closed when the caller asks for the next."""
+    accuracy vs quantization time and, where mixed-precision runs exist (``mixed_precision``), accuracy
+    vs size (every cell whose runs record it). The figure is closed when the caller asks for the next."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -570,9 +581,9 @@ def figures(cells: list[Cell]):
             plt.close(fig)
             sized = [(v, [c for c in (grid.get((v, lab)) for lab in labels) if c and not math.isnan(cell_size(c))])
                      for v in variants]
-            if not any(pts for _, pts in sized):
+            if not mixed_precision(sec):
                 continue
-            # accuracy vs size (effective weight bits per weight), one marker per method
+            # accuracy vs size (stored bits per weight), one marker per method
             fig, ax = plt.subplots(figsize=(9, 4))
             for i, (v, pts) in enumerate(sized):
                 if not pts:
@@ -582,7 +593,7 @@ def figures(cells: list[Cell]):
                 for xv, y, p in zip(xs, ys, pts, strict=True):
                     ax.annotate(p.bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6,
                                 color=colors[i % len(colors)])
-            ax.set_xlabel("effective weight bits per weight (size)")
+            ax.set_xlabel("size: stored bits per weight (first/last layers and extra orders included)")
             ax.set_ylabel("top-1 (%)")
             ax.set_title(f"{model} / {dataset}: accuracy vs size")
             ax.grid(alpha=0.3)
