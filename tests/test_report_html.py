@@ -189,6 +189,17 @@ def test_the_page_holds_the_rows_numbers_and_sorting_a_column_reorders_them(made
         assert {(m, b): (t, dl) for m, b, t, dl in lines} == {k: v[:2] for k, v in want.items()}
         order = sorted(want, key=lambda k: want[k][2], reverse=direction == "desc")
         assert [(m, b) for m, b, *_ in lines] == order
+    # a click sorts too (numbers: high first), a second click the other way
+    clicked = made / "clicked.html"
+    click = f"document.querySelector('#{table} th[data-key=top1]').click();"
+    clicked.write_text(page.read_text().replace("</body>", f"<script>{click}</script>\n</body>"))
+    d = dom(clicked, "", profile)
+    assert d.sorted_as(table, "top1") == "descending"
+    assert d.column(table, "top1")[0] == want[max(want, key=lambda k: want[k][2])][0]
+    clicked.write_text(page.read_text().replace("</body>", f"<script>{click * 2}</script>\n</body>"))
+    d = dom(clicked, "", profile)
+    assert d.sorted_as(table, "top1") == "ascending"
+    assert d.column(table, "top1")[0] == want[min(want, key=lambda k: want[k][2])][0]
     # a text column sorts alphabetically; the pivot (methods x bit settings) sorts by its columns too
     d = dom(page, "#sort=method:desc", profile)
     assert d.column(table, "method") == sorted(d.column(table, "method"), reverse=True)
@@ -256,8 +267,8 @@ def test_html_only_no_html_the_index_and_the_size_plot(tmp_path):
     runs.mkdir()
     sized = [make_row("u4", abits=None, top1=58.0, eff_wbits=4.3), make_row("u3", wbits=3, abits=None, eff_wbits=3.4),
              make_row("mp4", method="rex", abits=None, top1=59.0, eff_wbits=5.1)]
-    for r in (*ROWS[:3], *sized):
-        append_row(runs, r)
+    for r in (*ROWS[:3], *sized):  # without provenance: no command rebuilt (no torch import in the CLI)
+        append_row(runs, {k: v for k, v in r.items() if k not in ("git_sha", "versions")})
     base = [sys.executable, "-m", "dfq_bench.report", str(runs / "runs.jsonl")]
     ok = subprocess.run([*base, "--out", str(tmp_path / "a" / "x"), "--html"], capture_output=True, text=True,
                         timeout=120)
@@ -277,6 +288,6 @@ def test_html_only_no_html_the_index_and_the_size_plot(tmp_path):
     # uniform runs only (their size follows from their bits): no size plot
     (runs / "runs.jsonl").write_text("")
     for r in (*ROWS[:3], *sized[:2]):
-        append_row(runs, r)
+        append_row(runs, {k: v for k, v in r.items() if k not in ("git_sha", "versions")})
     report.report([runs / "runs.jsonl"], tmp_path / "d", tables=False)
     assert (tmp_path / "d" / html.PAGE).read_text().count("<svg") == 2
