@@ -29,6 +29,7 @@ from dfq_bench.data import DatasetError
 from dfq_bench.models import BuiltModel, reestimate_bn
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import IN_EVERY_ROW, append_row, check_writable, write_json
+from dfq_bench.run.command import command_line
 from dfq_bench.run.evalcache import EvalCache, FP32Outputs
 from dfq_bench.run.loggers import log_row
 
@@ -192,8 +193,12 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | None = None,
+        choices: dict | None = None) -> dict:
     """Runs one configuration (already validated) and returns its row.
+
+    ``choices``: the group choices it was composed with (Hydra's ``runtime.choices``; the CLI passes
+    them), for the row's ``command``; without them they are inferred from ``cfg`` (run/command.py).
 
     The row is appended to ``${results_dir}/runs.jsonl`` (and written to ``run_dir/result.json``)
     whether the run succeeds or fails; a failure is re-raised after the row is written (Ctrl-C too:
@@ -217,6 +222,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
         "t_synth_s": 0.0, **provenance(cfg),
         "run_dir": str(run_dir) if run_dir is not None else None,
+        "command": command_line(cfg, choices),  # reproduces this row from a clone's root (run/command.py)
     }
     if cfg.get("paper") is not None:
         row["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
