@@ -104,7 +104,7 @@ def _run(cfg: DictConfig, multirun: bool):
     from dfq_bench.run.runner import run, summary
 
     try:
-        row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        row = run(cfg, run_dir=HydraConfig.get().runtime.output_dir, choices=dict(HydraConfig.get().runtime.choices))
     except UnsupportedError as e:  # refused before any work: no row was written
         print(f"error: {e}", file=sys.stderr)
         if multirun:
@@ -219,6 +219,10 @@ def launcher_hint(err: str) -> str:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv and argv[0] in ("list", "describe"):  # what can be run (run/discover.py); no Hydra
+        from dfq_bench.run.discover import main as discover
+
+        sys.exit(discover(argv))
     try:
         argv = check_group_overrides(argv)
     except UnknownNameError as e:
