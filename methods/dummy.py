@@ -14,6 +14,7 @@ from dfq_bench.core.method import Method, QuantContext
 class Dummy(Method):
     name = "dummy"
     version = "1"
+    mp_refusal = "it quantizes nothing (no plan)"
 
     def wants_data(self, ctx: QuantContext) -> bool:
         return False

@@ -87,6 +87,7 @@ class Rex(Method):
     version = "1"
     default_act_range = "minmax"
     deploy_refusal = "its weights are a sum of quantized orders (residual expansion), not one uniform integer grid"
+    mp_refusal = "its extra orders add weights a per-layer size budget does not count"
 
     @dataclass
     class Config:

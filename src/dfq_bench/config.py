@@ -90,6 +90,24 @@ class LoggerConfig:
     mode: str | None = None  # online | offline | disabled; null = wandb's default (WANDB_MODE)
 
 
+MP_ALLOCATORS = ("none", "dp", "greedy", "random", "uniform")
+
+
+@dataclass
+class MpConfig:
+    """Mixed precision (core/mixed.py): per-layer weight bits under a size budget. ``allocator: none``
+    (the default) is the protocol's bits, as before the key existed (not part of the run_id)."""
+
+    allocator: str = "none"  # none | dp (exact, from sensitivities) | greedy | random | uniform
+    avg_wbits: float | None = None  # budget: mean weight bits of the allocated layers (null and no size_mb: wbits)
+    size_mb: float | None = None  # budget: MB of every quantized layer's weights at their bits + scales
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])  # candidate bits of an allocated layer
+    bin_bits: int | None = None  # dp's size bin in bits; null: the exact bin (see core/mixed.py)
+    seed: int = 0  # allocator=random only
+    cache: bool = True  # sensitivities cached on disk (not part of the run_id)
+    cache_dir: str | None = None  # null: $DFQ_BENCH_CACHE or ~/.cache/dfq_bench (files in mp/)
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -108,6 +126,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
     deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy/); null = off
+    mp: MpConfig = field(default_factory=MpConfig)  # mixed precision; allocator none = off
 
 
 def register_configs() -> None:
@@ -211,6 +230,51 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
         raise ConfigError(f"dataset.batch_size={batch_size!r} is invalid; valid: a positive integer")
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
+    if cfg.get("mp") is not None:
+        check_mp(cfg.mp, cfg.wbits, cfg.get("deploy"), METHODS.get(cfg.method.name))
+
+
+def check_mp(mp, wbits: int, deploy: str | None = None, method_cls: Any = None) -> None:
+    """The ``mp`` keys (core/mixed.py), one-line ``ConfigError``; the budget's reach on a given model
+    (``mp.size_mb``) is checked when it is built (``MixedPrecision.check_model``)."""
+    if mp.allocator not in MP_ALLOCATORS:
+        raise ConfigError(f"mp.allocator={mp.allocator!r} is invalid; valid: {', '.join(MP_ALLOCATORS)}")
+    if mp.allocator == "none":
+        for key in ("avg_wbits", "size_mb", "bin_bits"):
+            if mp[key] is not None:
+                raise ConfigError(f"mp.{key}={mp[key]!r} is set but mp.allocator=none; valid: "
+                                  f"mp.allocator={'|'.join(MP_ALLOCATORS[1:])}, or mp.{key}=null")
+        return
+    bits = list(mp.bits)
+    if not bits:
+        raise ConfigError("mp.bits=[] is invalid; valid: a list of distinct integers in "
+                          f"{MIN_BITS}..{MAX_BITS} (default [2,3,4,6,8])")
+    for b in bits:
+        _check_bits("mp.bits", b, allow_none=False)
+    if len(set(bits)) != len(bits):
+        raise ConfigError(f"mp.bits={bits} is invalid; valid: distinct bit-widths")
+    if mp.avg_wbits is not None and mp.size_mb is not None:
+        raise ConfigError(f"mp.avg_wbits={mp.avg_wbits} and mp.size_mb={mp.size_mb} are both set; valid: one "
+                          "budget (the other null)")
+    if mp.size_mb is not None and not mp.size_mb > 0:
+        raise ConfigError(f"mp.size_mb={mp.size_mb!r} is invalid; valid: a size in MB > 0")
+    if mp.size_mb is None:
+        avg, key = (mp.avg_wbits, "mp.avg_wbits") if mp.avg_wbits is not None else (wbits, "wbits (the budget)")
+        if not min(bits) <= avg <= max(bits):
+            side, k = ("below the smallest", min(bits)) if avg < min(bits) else ("above the largest", max(bits))
+            raise ConfigError(f"{key}={avg!r} is {side} plan (every allocated layer at {k} bits); valid: "
+                              f"{min(bits)}..{max(bits)} (the range of mp.bits={bits})")
+    if mp.bin_bits is not None and (not isinstance(mp.bin_bits, int) or mp.bin_bits < 1):
+        raise ConfigError(f"mp.bin_bits={mp.bin_bits!r} is invalid; valid: an integer >= 1, or null (exact)")
+    if not 0 <= mp.seed <= MAX_SEED:
+        raise ConfigError(f"mp.seed={mp.seed!r} is invalid; valid: an integer in 0..{MAX_SEED}")
+    if deploy is not None and max(bits) > 8:
+        raise ConfigError(f"mp.bits={bits} is invalid with deploy={deploy} (integer kernels take at most 8 "
+                          "weight bits); valid: bit-widths <= 8")
+    refusal = getattr(method_cls, "mp_refusal", None)
+    if refusal:
+        raise ConfigError(f"method {method_cls.name} cannot run with mp.allocator={mp.allocator}: {refusal}; "
+                          "valid: mp.allocator=none")
 
 
 def _check_device(device: str, here: bool) -> None:
@@ -323,6 +387,11 @@ def identity_config(cfg: DictConfig) -> dict:
         d.pop("paper", None)
     if d.get("deploy") is None:  # likewise for runs without the deployed-integer check
         d.pop("deploy", None)
+    mp = _mp_identity(d.get("mp"), d.get("wbits"))
+    if mp is None:  # likewise for runs with the protocol's bits (mixed precision off)
+        d.pop("mp", None)
+    else:
+        d["mp"] = mp
     if not d.get("model", {}).get("bn_reestimate"):  # likewise for models without BN re-estimation
         d.get("model", {}).pop("bn_reestimate", None)
     if d.get("dataset", {}).get("images") == "gaussian":  # and for the fake dataset's default images
@@ -344,6 +413,35 @@ def identity_config(cfg: DictConfig) -> dict:
     return d
 
 
+def _mp_identity(mp: dict | None, wbits) -> dict | None:
+    """The mixed-precision keys that decide the plan (``mp`` of the run_id and of the row), or None when
+    it is off: no cache keys, the budget made explicit (none given: ``avg_wbits = wbits``), the seed only
+    for ``random`` and the bin only for ``dp``."""
+    if not mp or mp.get("allocator", "none") == "none":
+        return None
+    mp = {k: v for k, v in mp.items() if k not in ("cache", "cache_dir")}
+    if mp.get("avg_wbits") is None and mp.get("size_mb") is None:
+        mp["avg_wbits"] = wbits
+    for key in ("avg_wbits", "size_mb"):
+        if mp.get(key) is not None:
+            mp[key] = float(mp[key])
+    if mp["allocator"] != "random":
+        mp.pop("seed", None)
+    if mp["allocator"] != "dp":
+        mp.pop("bin_bits", None)
+    return mp
+
+
+def mp_identity(cfg: DictConfig) -> dict | None:
+    """``_mp_identity`` of a composed config (the row's ``mp`` field)."""
+    mp = cfg.get("mp")
+    return _mp_identity(None if mp is None else OmegaConf.to_container(mp, resolve=True), cfg.wbits)
+
+
+def _mp_uses_data(d: dict) -> bool:
+    return (d.get("mp") or {}).get("allocator") in ("dp", "greedy")  # sensitivities on the calibration set
+
+
 def _noise_space(d: dict) -> str | None:
     """The noise space a run really uses (``space: auto`` resolved by its activation range rule), or
     None when it uses no calibration data (weight-only, and a method that needs none)."""
@@ -352,7 +450,10 @@ def _noise_space(d: dict) -> str | None:
 
     cls = METHODS.get(d["method"]["name"])
     if d.get("abits") is None and not cls.needs_data:
-        return None
+        if not _mp_uses_data(d):
+            return None
+        space = d["data"].get("space", "raw")  # for the sensitivities only: auto is pixel (no range rule)
+        return "pixel" if space == "auto" else space
     space = d["data"].get("space", "raw")
     if space == "auto":
         space = "raw" if ((d.get("protocol") or {}).get("act_range") or cls.default_act_range) == "squant" else "pixel"

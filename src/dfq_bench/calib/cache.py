@@ -43,9 +43,14 @@ class Batches(list):
         self.info = dict(info or {})
 
 
+def cache_root(directory: str | Path | None = None) -> Path:
+    """The cache root: ``directory``, else ``$DFQ_BENCH_CACHE``, else ``~/.cache/dfq_bench``; each cache
+    has its subdirectory (``synth/`` here, ``mp/`` for core/mixed.py's sensitivities)."""
+    return Path(directory or os.environ.get("DFQ_BENCH_CACHE") or Path.home() / ".cache" / "dfq_bench")
+
+
 def cache_dir(cfg) -> Path:
-    root = cfg.get("cache_dir") or os.environ.get("DFQ_BENCH_CACHE") or Path.home() / ".cache" / "dfq_bench"
-    return Path(root) / "synth"
+    return cache_root(cfg.get("cache_dir")) / "synth"
 
 
 def cache_key(cfg, model: nn.Module, input_size, seed: int, device: str) -> str:

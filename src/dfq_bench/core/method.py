@@ -10,7 +10,8 @@ One ``QuantState`` travels through the stages, in this order (``STAGES``):
 
     prepare    copy the float model, split fused norm-activations, fold BN (protocol.fold_bn)
     transform  float-equivalent rewrites (DFQ's equalization, absorption)
-    plan       per-layer bits and roles: a Planner (``core.planner.PLANNERS``; the protocol rules by default)
+    plan       per-layer bits and roles: a Planner (``core.planner.PLANNERS``; the protocol rules by default,
+               ``mixed``: per-layer weight bits under a size budget from sensitivities, core/mixed.py)
     grid       a weight grid per planned layer (``weight_grid``: the uniform min/max grid by default)
     round      integer weight levels on that grid (``round_weights``: round to nearest by default)
     weights    the weight quantizer modules: baked levels (default) or STE-trainable weights
@@ -42,7 +43,7 @@ from dfq_bench.core.bn import prepare_model
 from dfq_bench.core.grid import Grid, weight_grid
 from dfq_bench.core.learn import SteWeight
 from dfq_bench.core.modules import QuantLayer, bake_weights
-from dfq_bench.core.planner import PLANNERS, LayerPlan
+from dfq_bench.core.planner import LayerPlan, get_planner
 from dfq_bench.core.ranges import calibrate_activations
 from dfq_bench.graph import TraceError, trace
 
@@ -105,6 +106,7 @@ class Method:
     needs_data = False  # True if the method itself (not only its activation rule) uses batches
     w_ranges = ("include_zero", "minmax")  # protocol.w_range values the method's weight grid honours
     weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
+    mp_refusal: str | None = None  # why this method cannot take a mixed-precision plan (``mp.allocator``)
 
     @dataclass
     class Config:
@@ -140,8 +142,9 @@ class Method:
                                    f"need the layer graph, and {e}") from None
 
     def wants_data(self, ctx: QuantContext) -> bool:
-        """Whether the runner must produce calibration batches (timed as t_synth_s)."""
-        return self.needs_data or ctx.abits is not None
+        """Whether the runner must produce calibration batches (timed as t_synth_s): for the method, for
+        the activation ranges, or for the planner (mixed precision's sensitivities)."""
+        return self.needs_data or ctx.abits is not None or bool(getattr(get_planner(ctx.planner), "needs_data", False))
 
     # ---- the stages -----------------------------------------------------------------------------
 
@@ -161,9 +164,11 @@ class Method:
 
     def plan(self, state: QuantState) -> None:
         ctx = state.ctx
-        planner = PLANNERS.get(ctx.planner or "protocol") if isinstance(ctx.planner or "protocol", str) \
-            else ctx.planner
-        state.plans = planner(state.model, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)
+        planner = get_planner(ctx.planner)
+        if hasattr(planner, "plan_state"):  # it needs this method's rounding and the batches (core/mixed.py)
+            state.plans = planner.plan_state(self, state)
+        else:
+            state.plans = planner(state.model, ctx.example_input, ctx.protocol, ctx.wbits, ctx.abits)
         state.info["n_layers"] = len(state.plans)
         state.info["eff_wbits"] = effective_wbits(state.plans)
 

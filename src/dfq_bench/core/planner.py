@@ -1,5 +1,10 @@
 """Planners: which bits each Conv/Linear gets. The protocol's first/last-layer rules are the default
-planner; per-layer bits (mixed precision) are another planner registered in ``PLANNERS``.
+planner; per-layer bits (mixed precision, core/mixed.py) are another planner registered in ``PLANNERS``.
+
+A planner is a callable ``(model, example_input, protocol, wbits, abits) -> list[LayerPlan]``, or an
+object with ``plan_state(method, state) -> list[LayerPlan]`` when it needs more than the model: the
+method's own grid and rounding and the calibration batches (``MixedPrecision``); such an object sets
+``needs_data`` when the runner must make batches for it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ def plan_layers(model: nn.Module, example_input: Tensor, protocol, wbits: int, a
 
 PLANNERS = Registry("planner")
 PLANNERS.register("protocol", plan_layers)
+PLANNERS.register_lazy("mixed", "dfq_bench.core.mixed:MIXED")
 """A planner maps (model, example_input, protocol, wbits, abits) to the ``LayerPlan`` of every
 Conv/Linear; ``protocol`` (``plan_layers``) applies the run's bits with the protocol's first/last-layer
-rules. Per-layer bits (mixed precision) are another planner registered here."""
+rules; ``mixed`` is ``core.mixed.MixedPrecision()``: per-layer bits by the exact DP on the layers'
+sensitivities, at the size of the uniform ``wbits`` model."""
+
+
+def get_planner(planner=None):
+    """A planner from a ``PLANNERS`` name, a planner itself, or None (the protocol's rules)."""
+    return PLANNERS.get(planner or "protocol") if isinstance(planner or "protocol", str) else planner

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dfq_bench import api, catalog  # noqa: F401  (catalog fills the registries)
-from dfq_bench.config import UnsupportedError, identity_config, plugin_config
+from dfq_bench.config import UnsupportedError, identity_config, mp_identity, plugin_config
 from dfq_bench.core.method import QuantContext
+from dfq_bench.core.mixed import from_config
 from dfq_bench.core.modules import NonFiniteError, first_nonfinite
 from dfq_bench.data import DatasetError
 from dfq_bench.models import BuiltModel, reestimate_bn
@@ -217,7 +218,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         "run_id": run_id(cfg), "status": "failed",
         "method": cfg.method.name, "method_version": method_cls.version,
         "model": model_label(cfg), "dataset": cfg.dataset.name,
-        "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed,
+        "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed, "mp": mp_identity(cfg),
         "protocol": OmegaConf.to_container(cfg.protocol, enum_to_str=True),
         "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
         "t_synth_s": 0.0, **provenance(cfg),
@@ -243,9 +244,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
             row["weights"] = built.weights
         example = torch.zeros((2, *built.input_size), device=cfg.device)
         ctx = QuantContext(cfg.wbits, cfg.abits, cfg.protocol, cfg.seed, cfg.device, example,
-                           progress=bar)
+                           progress=bar, planner=from_config(cfg.get("mp"), data=cfg.data.name))  # None: mp off
         method = api.build_method(method_cls(method_cfg))
         method.check_model(model, ctx, model_label(cfg))  # a refusal: one line, no row, before any work
+        if ctx.planner is not None:  # a size budget out of this model's reach: likewise
+            ctx.planner.check_model(model, ctx, model_label(cfg))
         if method.wants_data(ctx):
             gen = SYNTH.get(cfg.data.name)
             if hasattr(gen, "check_model"):  # e.g. BN-statistics data on a model without BN: refused
@@ -263,7 +266,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         t0 = time.perf_counter()
         qmodel, info = api.quantize(model, method, wbits=cfg.wbits, abits=cfg.abits, example_input=example,
                                     calib=ctx.calib, protocol=cfg.protocol, seed=cfg.seed, device=cfg.device,
-                                    progress=bar)
+                                    progress=bar, planner=ctx.planner)
         ctx.info = info
         row["t_quant_s"] = time.perf_counter() - t0
         clash = set(ctx.info) & set(row)
@@ -317,7 +320,7 @@ def repo_relative(path: str | Path) -> str:
 # the row's path fields: top-level keys, and (field, key) of its dicts
 _PATH_KEYS = ("run_dir", "deploy_dir")
 _NESTED_PATH_KEYS = (("data", "cache_dir"), ("data_info", "cache_file"), ("dataset_info", "root"),
-                     ("dataset_info", "train_root"))
+                     ("dataset_info", "train_root"), ("mp_sensitivity", "cache_file"))
 
 
 def _relative_paths(row: dict) -> None:
@@ -347,6 +350,10 @@ def summary(row: dict) -> str:
     """A short human table for the end of a CLI run."""
     f = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     bits = f"W{row['wbits']}A{row['abits'] if row['abits'] is not None else 32}"
+    mp = row.get("mp")
+    if mp and row.get("avg_wbits") is not None:  # mixed precision: the budget and the plan's mean bits
+        budget = f"avg_wbits={mp['avg_wbits']:g}" if mp.get("avg_wbits") is not None else f"size_mb={mp['size_mb']:g}"
+        bits = f"W mixed ({mp['allocator']}, {budget}: {row['avg_wbits']:.2f} b) A{row['abits'] or 32}"
     lines = [
         f"{row['method']} on {row['model']} / {row['dataset']}  {bits}  seed {row['seed']}  "
         f"run_id {row['run_id']}",
