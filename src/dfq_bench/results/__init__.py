@@ -44,6 +44,8 @@ SCHEMA: dict[str, dict[str, str]] = {
     "provenance": {
         "git_sha git_dirty versions device_name started_at run_dir": "where and with what it ran",
         "data_info eval_cache": "where calibration data and FP32 logits came from (cache hit or miss)",
+        # added with issue 17: rows made before it lack it (results.report and row_command accept that)
+        "command": "the command line that reproduces the row from the repository root (run/command.py)",
     },
     "run info": {  # set as the run gets there: absent from a row that failed before; `dummy` has no counts
         "dataset_info": "the evaluation set as loaded (source, split, limit, preprocessing)",
