@@ -17,7 +17,10 @@ model with only layer l's weights quantized to k bits by the run's method: its o
 ``round`` stages run on that one layer (SQuant's flips, DFQ's kept errors, PowerQuant's power grid
 count). A method whose rounding is learned in a later stage (GENIE's AdaRound) is probed with its
 grid and round-to-nearest. Activations stay float in this pass. One forward over the calibration
-set per (layer, bits). The batches must exist before the weights are quantized: a callable source
+set per (layer, bits), of the part downstream of the layer only where torch.fx traces the model (the
+float values upstream are computed once per chunk of images and reused: the same numbers, about half
+the work); an untraceable model runs whole forwards. The batches must exist before the weights are
+quantized: a callable source
 (``calib=`` a function of the state) is refused. Cached on disk (``cache``, ``cache_dir``; files in
 ``<root>/mp/``), keyed by a digest of the prepared model's weights and buffers, the method (name,
 version, keys), the protocol's weight-grid keys, the allocated layers, ``bits`` and a digest of the
@@ -245,29 +248,90 @@ def quantized_weight(method, state, plan: LayerPlan, bits: int) -> Tensor:
     return grid.dequant(levels).to(plan.module.weight.dtype)
 
 
+class _Replay:
+    """The model as a torch.fx graph (a traced copy, ``graph.trace``) that re-runs only what lies
+    downstream of one layer: the other nodes keep their float values, computed once per chunk of
+    images (torch.fx partial evaluation: ``Interpreter.run(initial_env=...)``)."""
+
+    def __init__(self, model):
+        from dfq_bench.graph import trace
+
+        self.gm = trace(model)  # raises TraceError: the caller then runs whole forwards
+
+    def downstream(self, name: str) -> set:
+        down: set = set()
+        for node in self.gm.graph.nodes:
+            if (node.op == "call_module" and node.target == name) or any(a in down for a in node.all_input_nodes):
+                down.add(node)
+        return down
+
+    def float_pass(self, x: Tensor) -> tuple[dict, Tensor]:
+        interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
+        out = interp.run(x)
+        return interp.env, out
+
+    def rerun(self, env: dict, down: set, x: Tensor) -> Tensor:
+        return torch.fx.Interpreter(self.gm).run(x, initial_env={n: v for n, v in env.items() if n not in down})
+
+
+def _nbytes(env: dict) -> int:
+    return sum(v.nbytes for v in env.values() if isinstance(v, Tensor))
+
+
+def _kl_sum(lp: Tensor, logits: Tensor) -> float:
+    lq = F.log_softmax(logits.double(), dim=1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
 @torch.no_grad()
 def sensitivities(method, state, plans: list[LayerPlan], bits: list[int], batches: list[Tensor],
-                  progress=lambda it, **kw: it) -> Tensor:
+                  progress=lambda it, **kw: it, replay: bool = True, max_env_bytes: int = 1 << 29) -> Tensor:
     """(len(plans), len(bits)) float64: mean KL(p_fp || p) over the batches' images, p the output with
-    only that layer quantized to those bits (module docstring). ``state.model`` is left as it was."""
-    model = state.model
-    ref = [F.log_softmax(model(x).double(), dim=1) for x in batches]
+    only that layer quantized to those bits (module docstring). ``state.model`` is left as it was.
+
+    ``replay`` (a traceable model): per (layer, bits) only the graph downstream of the layer is run
+    again, on the float values of everything upstream, in chunks of images whose float values take
+    at most ``max_env_bytes``; otherwise (or ``replay=False``) one whole forward per (layer, bits).
+    Both compute the same numbers (the same operations on the same values)."""
+    from dfq_bench.graph import TraceError
+
+    pairs = [(i, j) for i in range(len(plans)) for j in range(len(bits))]
     n = sum(len(x) for x in batches)
     out = torch.zeros(len(plans), len(bits), dtype=torch.float64)
-    pairs = [(i, j) for i in range(len(plans)) for j in range(len(bits))]
-    for i, j in progress(pairs, desc="mp sensitivity"):
-        weight = plans[i].module.weight
-        orig = weight.data
-        try:
-            weight.data = quantized_weight(method, state, plans[i], bits[j])
-            kl = 0.0
-            for x, lp in zip(batches, ref, strict=True):
-                lq = F.log_softmax(model(x).double(), dim=1)
-                kl += float((lp.exp() * (lp - lq)).sum())
-        finally:
-            weight.data = orig
-        out[i, j] = kl / n
-    return out
+    try:
+        rep = _Replay(state.model) if replay else None
+    except TraceError:
+        rep = None
+    if rep is None:
+        model = state.model
+        ref = [F.log_softmax(model(x).double(), dim=1) for x in batches]
+        for i, j in progress(pairs, desc="mp sensitivity"):
+            weight = plans[i].module.weight
+            orig = weight.data
+            try:
+                weight.data = quantized_weight(method, state, plans[i], bits[j])
+                out[i, j] = sum(_kl_sum(lp, model(x)) for x, lp in zip(batches, ref, strict=True)) / n
+            finally:
+                weight.data = orig
+        return out
+    levels = {(i, j): quantized_weight(method, state, plans[i], bits[j]) for i, j in pairs}
+    down = {i: rep.downstream(p.name) for i, p in enumerate(plans)}
+    weights = [rep.gm.get_submodule(p.name).weight for p in plans]
+    env, _ = rep.float_pass(batches[0][:1])
+    per_image = max(_nbytes(env), 1)
+    chunks = [c for x in batches for c in torch.split(x, max(1, max_env_bytes // per_image))]
+    for c, x in enumerate(chunks):
+        env, logits = rep.float_pass(x)
+        lp = F.log_softmax(logits.double(), dim=1)
+        for i, j in progress(pairs, desc=f"mp sensitivity {c + 1}/{len(chunks)}"):
+            orig = weights[i].data
+            try:
+                weights[i].data = levels[i, j]
+                out[i, j] += _kl_sum(lp, rep.rerun(env, down[i], x))
+            finally:
+                weights[i].data = orig
+        del env
+    return out / n
 
 
 def _digest_batches(batches: list[Tensor]) -> str:
