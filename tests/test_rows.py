@@ -8,7 +8,18 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dfq_bench.config import CONF_DIR, register_configs
-from dfq_bench.results import FIELDS, IN_EVERY_ROW, LastOk, atomic_write, fields, read_rows, report, schema_table
+from dfq_bench.results import (
+    FIELDS,
+    IN_EVERY_ROW,
+    OPTIONAL_GROUPS,
+    SCHEMA,
+    LastOk,
+    atomic_write,
+    fields,
+    read_rows,
+    report,
+    schema_table,
+)
 from dfq_bench.run import loggers
 from dfq_bench.run.runner import run
 
@@ -24,9 +35,10 @@ def compose_cfg(overrides):
 
 def test_a_real_row_has_every_schema_field_and_a_failed_one_every_field_of_every_row(tmp_path):
     row = run(compose_cfg([*TINY, "method=rtn", "wbits=4", "abits=8", f"results_dir={tmp_path}"]))
-    assert row["status"] == "ok" and set(FIELDS) <= set(row)
+    every = set(fields(*(g for g in SCHEMA if g not in OPTIONAL_GROUPS)))  # mixed precision: tests/test_mixed.py
+    assert row["status"] == "ok" and every <= set(row) and not set(fields(*OPTIONAL_GROUPS)) & set(row)
     (written,) = read_rows(tmp_path / "runs.jsonl")
-    assert set(FIELDS) <= set(written) and written["run_id"] == row["run_id"]
+    assert every <= set(written) and written["run_id"] == row["run_id"]
     with pytest.raises(Exception, match="does not exist"):  # fails before the dataset is read
         run(compose_cfg([*TINY, "dataset=imagenet", "dataset.root=/nonexistent", f"results_dir={tmp_path}"]))
     failed = list(read_rows(tmp_path / "runs.jsonl"))[-1]

@@ -29,6 +29,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "method method_version method_cfg": "the plugin, its numerics version, its keys",
         "model weights dataset": "what was evaluated; `weights` is the weights' identity",
         "wbits abits seed protocol data": "the choices; `data` is the calibration generator config",
+        "mp": "the mixed-precision keys that decide the plan (`mp.*`: allocator, budget, bits; core/mixed.py); "
+        "null: the protocol's bits",
     },
     "status": {"status error": '`"ok"` or `"failed"`, with the error text'},
     "metrics": {
@@ -55,7 +57,18 @@ SCHEMA: dict[str, dict[str, str]] = {
         "bn_fold_rule n_norm_act_split n_bn_unfolded": "how BN was folded (`graph`, or `module` for an untraceable "
         "model; null when not folded), fused norm-activation modules split, BN modules left unfolded",
     },
+    "mixed precision": {  # only in rows with mp.allocator set (OPTIONAL_GROUPS)
+        "mp_bits": "weight bits of every Conv/Linear in plan (execution) order, fixed first/last layers included",
+        "avg_wbits size_mb": "`eff_wbits` again; MB of the quantized weights at their bits plus per-channel "
+        "float32 scales and (asymmetric) zero-points at the layer's bits (biases not counted)",
+        "mp_budget mp_objective": "the budget in bits of the allocated layers, the bits used, the DP's bin; "
+        "summed sensitivity of the plan (null for `uniform`, `random`)",
+        "mp_sensitivity": "where the sensitivities came from: calibration source, images, cache hit or miss",
+        "t_sensitivity_s t_plan_s": "seconds of the sensitivity pass (a cache hit: its load) and of the solver, "
+        "both inside `t_quant_s`",
+    },
 }
+OPTIONAL_GROUPS = ("mixed precision",)  # groups whose fields only some rows have
 FIELDS: dict[str, str] = {f: group for group, lines in SCHEMA.items() for names in lines for f in names.split()}
 
 
