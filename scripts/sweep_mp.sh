@@ -11,11 +11,12 @@ set -euo pipefail
 R=${R:-results/mixed_precision}
 E=${E:-$HOME/.cache/dfq_bench/eval}   # FP32 logits cache (not part of the run_id)
 B=${B:-2.5,3,3.5,4,5,6}
+S=${S:-0,1,2}                         # the random allocator's seeds (S=0: one; rerun with S=0,1,2 to add the others)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 for M in resnet20_fmnist mobilenetv2_fmnist; do
   C=(model=$M dataset=fashion_mnist results_dir=$R eval_cache=$E progress=false method=rtn,squant abits=8,4
      mp.avg_wbits=$B)
   python -m dfq_bench -m "${C[@]}" mp.allocator=dp,greedy,uniform "$@"
-  python -m dfq_bench -m "${C[@]}" mp.allocator=random mp.seed=0,1,2 "$@"
+  python -m dfq_bench -m "${C[@]}" mp.allocator=random mp.seed=$S "$@"
 done
 python scripts/table_mp.py "$R/runs.jsonl"
