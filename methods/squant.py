@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,14 +75,25 @@ MODES = {  # mode -> (kernel stage, channel stage)
     "squant-c": (False, True),
 }
 DEFAULT_K = {"4": 12.0, "6": 14.0, "8": 25.0}
-CHUNK_ELEMS = 1 << 16  # weights per block of output channels: bounds temporaries, stays in cache
+CHUNK_ELEMS = 1 << 18  # weights per block of the elementwise passes: bounds temporaries, stays in cache
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight flipping, vectorized over all kernels and channels of a block of output channels.
-# Layouts: stage K works kernel-major, (k, R) with one column per kernel, so that per-kernel
-# reductions and the sorting network are elementwise ops on long vectors; stage C alone works on
-# (o, n) rows. torch.where on large tensors is slow on CPU, so the hot path uses arithmetic.
+# Weight flipping, vectorized over all kernels and channels of a layer.
+#
+# Fast path and exact fallback. The outcome of most kernels and channels follows from a few
+# order statistics, without a full priority order: a kernel's K flips and C candidate from its
+# one or two highest-priority elements (two max-reductions over priority keys), a channel's flips
+# from its count-th largest priority (a threshold from numpy's partition, which is several times
+# faster than torch.topk on CPU). A kernel or channel is "regular" where these decide exactly: the
+# ranks that matter hold positive priorities and no tie crosses a selection boundary, and (stage K)
+# at most the first two elements matter. The others (zero error sums, handed-out non-movers, ties
+# at a boundary, three or more flips) go through the general code, which builds the full priority
+# order. Both give the same levels; tests/test_squant.py checks them against a loop reference.
+#
+# Layouts: per-kernel reductions run kernel-major, (k, R) with one column per kernel, where they
+# are fast reductions over dim 0; levels are written in the weight's own layout, moves as sparse
+# scatters. torch.where, nonzero and boolean masks are slow on CPU, so the hot path avoids them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -105,48 +117,239 @@ def flip_levels(
     if x3.dtype not in (torch.float32, torch.float64):
         x3 = x3.float()
     levels = torch.empty_like(x3)
-    step = max(1, CHUNK_ELEMS // max(x3[0].numel(), 1))
-    changed = 0
-    for lo in range(0, out, step):  # blocks of many channels; all work inside is vectorized
-        xb = x3[lo : lo + step]
-        block = _flip_block(xb, qmin, qmax, kernel, channel).clamp_(qmin, qmax)
-        levels[lo : lo + step] = block
-        if stats is not None:
-            changed += int((block != torch.round(xb).clamp_(qmin, qmax)).sum())
+    if kernel and x3.shape[2] > 1:
+        changed = _kernel_then_channel(x3, qmin, qmax, channel, levels)
+    else:
+        changed = _channel_stage(x3.reshape(out, -1), qmin, qmax, channel, levels.view(out, -1))
     if stats is not None:
-        stats["changed"] = stats.get("changed", 0) + changed
+        stats["changed"] = stats.get("changed", 0) + int(changed)
     return levels.reshape(shape).to(x.dtype)
 
 
-def _flip_block(x: Tensor, qmin: int, qmax: int, do_k: bool, do_c: bool) -> Tensor:
-    o, n_in, k = x.shape
-    if do_k and k > 1:
-        return _kernel_then_channel(x, qmin, qmax, do_c)
-    rn = torch.round(x)
-    if not do_c:
-        return rn
-    return _channel_only(x.reshape(o, -1), rn.reshape(o, -1), qmin, qmax).view(o, n_in, k)
+def _in_span(x: Tensor, qmin: int, qmax: int) -> bool:
+    """All of x in (qmin - 0.5, qmax + 0.5), as Grid.scaled gives: every rounding is a level, and so
+    is every allowed move, so a count of moves is a count of changed levels and nothing needs a clamp."""
+    return bool(x.amin() > qmin - 0.5) and bool(x.amax() < qmax + 0.5)
 
 
-def _direction(total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Branch (up where the error sum < 0, else down), flip count round(|sum|), over-flipped flag."""
-    up = total < 0
-    a = total.abs()
-    count = torch.round(a)
-    return up, count.to(torch.int64), count >= a
+def _direction(total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Branch (up where the error sum < 0, else down), flip count round(|sum|) (half to even, as a
+    float), and the over-flipped flag (round(|sum|) >= |sum|)."""
+    a = np.abs(total)
+    count = np.rint(a)
+    return total < 0, count, count >= a
+
+
+def _move_priority(x: Tensor, e: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+    """|e| where an element may move by ``step`` (+1 up: e < 0 and x < qmax; -1 down: e > 0 and
+    x > qmin), <= 0 where it may not; ``step`` broadcasts against x.
+
+    min(-step * e, room to the grid edge): a movable element has |e| <= 0.5 <= its room, so the
+    minimum is |e| itself; the others get -|e|, 0 or a negative room."""
+    edge = step * ((qmax + qmin) / 2) + (qmax - qmin) / 2  # qmax (up) or -qmin (down)
+    return torch.minimum(e * -step, torch.addcmul(edge, x, -step))
 
 
 def _priority(x: Tensor, e: Tensor, up: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """|e| where an element may move in its row's direction (up: e < 0 and x < qmax; down: e > 0
-    and x > qmin), else 0; ``up`` broadcasts against x. Also returns the move (+1 up / -1 down).
+    """The priority clipped at 0 (general code) for directions ``up``, and the move (+1 / -1)."""
+    step = up.to(x.dtype) * 2 - 1
+    return _move_priority(x, e, step, qmin, qmax).clamp_(min=0), step
 
-    Exact: a movable element has |e| <= 0.5 <= its distance to the grid edge, so the minimum below
-    returns |e| itself."""
-    step = torch.where(up, 1.0, -1.0).to(x.dtype)
-    edge = torch.where(up, float(qmax), float(-qmin)).to(x.dtype)
-    away = (e * -step).clamp_(min=0)  # |e| if rounded against the move, else 0
-    room = torch.addcmul(edge, x, -step).clamp_(min=0)  # qmax - x (up) or x - qmin (down)
-    return torch.minimum(away, room), step
+
+# ---------------------------------------------------------------------------------------------
+# Stage K (then C) on k x k kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> Tensor:
+    """Stage K on x (o, n_in, k), then stage C if asked; writes the levels into ``out``, returns
+    the number of levels that differ from round-to-nearest.
+
+    Fast path, per regular kernel (``_fast_kernels``): its K flips and its C candidate follow from
+    its first and second elements; C then moves only the candidate (+step: flip, -step: un-flip).
+    The element passes run in cache-sized blocks of kernels; the per-kernel bookkeeping is in
+    numpy arrays over the layer (numpy's small-array ops cost a fraction of torch's)."""
+    o, n_in, k = x.shape
+    r = o * n_in
+    x2, out2 = x.reshape(r, k), out.view(r, k)
+    flat = out2.view(-1).numpy()  # shares memory: the sparse moves are written through it
+    s = np.empty(r)
+    fast = x.dtype == torch.float32 and k <= 16  # the keys' low bits hold the row (float64: general code)
+    kern = _KernelInfo(r) if fast else None
+    cols = max(1, CHUNK_ELEMS // k)
+    for lo in range(0, r, cols):
+        xb = x2[lo : lo + cols]
+        torch.round(xb, out=out2[lo : lo + cols])
+        xt = _kernel_major(xb)
+        e = torch.round(xt) - xt  # exact in float32 (|e| <= 0.5 next to an integer)
+        s[lo : lo + cols] = e.sum(0, dtype=torch.float64).numpy()
+        if kern is not None:
+            _fast_kernels(xt, e, s[lo : lo + cols], qmin, qmax, kern, lo, flat)
+    up, count, over = _direction(s)
+    if kern is None:
+        kern = _KernelInfo(r)
+        kern.cand_up = up ^ over
+    changed = kern.changed
+
+    irr = np.flatnonzero(~kern.regular)
+    if len(irr):
+        xg = x2[torch.from_numpy(irr)].t().contiguous()
+        g_num, s_after, cand_pr, cand_k, g_target = _kernels_general(
+            xg, torch.from_numpy(s[irr]), torch.from_numpy(up[irr]), torch.from_numpy(count[irr]).long(),
+            torch.from_numpy(over[irr]), qmin, qmax)
+        kern.s_after[irr], kern.cand_pr[irr] = s_after.numpy(), cand_pr.numpy()
+        kern.cand_pos[irr] = irr * k + cand_k.numpy()
+
+    short = None
+    if do_c:
+        up_c, count_c, _ = _direction(torch.from_numpy(kern.s_after).view(o, n_in).sum(1).numpy())
+        prio_c = kern.cand_pr.reshape(o, n_in) * (kern.cand_up.reshape(o, n_in) == up_c[:, None])
+        chosen, short = _choose(prio_c, count_c)
+        chosen = chosen.reshape(-1)
+        at = np.flatnonzero(chosen & kern.regular)  # regular: C moves the candidate by cdelta
+        flat[kern.cand_pos[at]] += kern.cdelta[at]
+        changed += int((1 - 2 * over[at]).sum())  # a flip adds a changed level, an un-flip removes one
+    if len(irr):  # the others: their K levels, and stage C's level for a chosen candidate
+        if do_c:
+            ck = cand_k[None]
+            pick = torch.from_numpy(chosen[irr])
+            g_num.scatter_(0, ck, torch.where(pick, g_target, g_num.gather(0, ck)[0])[None])
+        g_num.clamp_(qmin, qmax)
+        changed += int((g_num != torch.round(xg).clamp_(qmin, qmax)).sum())
+        out2[torch.from_numpy(irr)] = g_num.t()
+    exact_count = _in_span(x2, qmin, qmax)
+    if not exact_count:
+        out2.clamp_(qmin, qmax)
+    if short is not None and short.any():
+        # rare: the channel order hands out zero-priority elements; there the first elements of the
+        # whole channel by (priority desc, flat index asc) flip, from their original rounding
+        sh = torch.from_numpy(np.flatnonzero(short))
+        xs = x[sh]
+        rns = torch.round(xs)
+        before = int((out[sh] != rns.clamp(qmin, qmax)).sum())
+        prio_s = torch.from_numpy(prio_c)[sh]
+        full = torch.zeros(len(sh), n_in * k, dtype=prio_s.dtype)
+        cand_in = torch.from_numpy(kern.cand_pos.reshape(o, n_in))[sh] - torch.from_numpy(
+            np.arange(o) * (n_in * k))[sh][:, None]  # flat index within the channel
+        full.scatter_(1, cand_in, prio_s)
+        sel = _first_k(full, torch.from_numpy(count_c).long()[sh]).view(-1, n_in, k)
+        pr_s, step_s = _priority(xs, rns - xs, torch.from_numpy(up_c)[sh][:, None, None], qmin, qmax)
+        levels = torch.where(sel, rns + step_s * (pr_s > 0), out[sh]).clamp_(qmin, qmax)
+        out[sh] = levels
+        changed += int((levels != rns.clamp_(qmin, qmax)).sum()) - before
+    if not exact_count:  # a move from an out-of-grid rounding may not change the clamped level
+        changed = int((out2 != torch.round(x2).clamp_(qmin, qmax)).sum())
+    return changed
+
+
+class _KernelInfo:
+    """Per-kernel results of stage K over a layer (numpy arrays of length R), as stage C needs them:
+    regular (fast path), error sum after K, candidate's priority, direction and flat position
+    in the levels, and its move if C flips it (regular kernels)."""
+
+    def __init__(self, r: int):
+        self.regular = np.zeros(r, dtype=bool)
+        self.s_after = np.zeros(r)
+        self.cand_pr = np.zeros(r)
+        self.cand_up = np.zeros(r, dtype=bool)
+        self.cand_pos = np.zeros(r, dtype=np.int64)
+        self.cdelta = np.zeros(r, dtype=np.float32)
+        self.changed = 0
+
+
+KEY_BASE = 111 << 23  # float32 bits of 2**-16: smaller priorities share the lowest key class
+KEY_TOP = 126 << 23  # float32 bits of 0.5, the largest priority
+
+
+def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, kern: _KernelInfo,
+                  lo: int, flat: np.ndarray) -> None:
+    """Stage K on a block of float32 kernels (k, m) in kernel-major layout: fills ``kern`` at
+    [lo, lo + m) and applies the K moves of the regular kernels to the levels (``flat``).
+
+    A kernel is regular when its outcome depends on its first two elements only: s != 0, at most
+    the first two ranks matter (count 0 or 1 under-flipped, count 1 or 2 over-flipped), those hold
+    priority > 2**-16, and all its values lie in [qmin, qmax]. There the signed priority
+    q = -step * e is the priority of every movable element, and <= 0 for the others (an element
+    rounded toward the move; no element is beyond the grid edge). Keys: q's float bits (monotone
+    for q > 0), offset and clipped at KEY_BASE, then the reversed row in the low bits: unique per
+    kernel, ordered like (priority desc, row asc) above the clipped class. Two max-reductions, the
+    first's element masked out in between, give the first two elements."""
+    k, m = xt.shape
+    shift = (k - 1).bit_length()
+    up, count, over = _direction(s)
+    step = up * np.float32(2) - 1  # +1 up, -1 down
+    rank = count - over  # the candidate's rank: the last flipped element if over-flipped, else the next
+    second = rank == 1
+    q = e * torch.from_numpy(-step)
+    keys = (q.view(torch.int32).clamp(KEY_BASE, KEY_TOP) - KEY_BASE).bitwise_left_shift_(shift)
+    keys.bitwise_or_(torch.arange(k - 1, -1, -1, dtype=torch.int32)[:, None])
+    first = keys.amax(0).numpy()
+    row0 = (k - 1) - (first & ((1 << shift) - 1))
+    keys.view(-1).index_fill_(0, torch.from_numpy(row0 * np.int64(m) + np.arange(m)), -1)
+    nxt = keys.amax(0).numpy()
+    row1 = (k - 1) - (nxt & ((1 << shift) - 1))
+    cand_key = first + (nxt - first) * second
+    on_grid = (xt.amax(0).numpy() <= qmax) & (xt.amin(0).numpy() >= qmin)
+    regular = on_grid & (s != 0) & (rank <= 1) & (cand_key >= (1 << shift))
+    p = ((cand_key >> shift) + KEY_BASE).astype(np.int32).view(np.float32).astype(np.float64)
+    sl = slice(lo, lo + m)
+    kern.regular[sl] = regular
+    kern.s_after[sl] = s + step * count  # every flip moves
+    kern.cand_pr[sl] = np.abs(over - p)  # |e| (flip) or |e + step| = 1 - |e| in float64 (un-flip)
+    kern.cand_up[sl] = up ^ over  # an over-flipped kernel offers an un-flip (the other direction)
+    base = (lo + np.arange(m)) * k
+    kern.cand_pos[sl] = base + row0 + (row1 - row0) * second
+    kern.cdelta[sl] = step * (1 - 2 * over)
+    # K moves: the first element where count >= 1, the second where count == 2
+    for row, flips in ((row0, count >= 1), (row1, count >= 2)):
+        at = np.flatnonzero(regular & flips)
+        flat[base[at] + row[at]] += step[at]
+    kern.changed += int((count * regular).sum())
+
+
+def _kernel_major(xb: Tensor) -> Tensor:
+    """(m, k) -> contiguous (k, m); as a 4-d copy, which torch runs as a fast blocked transpose."""
+    m, k = xb.shape
+    xt = torch.empty((k, m), dtype=xb.dtype)
+    xt.view(1, k, m, 1).copy_(xb.reshape(1, m, k, 1).permute(0, 2, 1, 3))
+    return xt
+
+
+def _reversed_rows(k: int) -> Tensor:
+    """(k, 1) float64 column k-1, ..., 0: the low bits of a priority key (lower row, larger key)."""
+    return torch.arange(k - 1, -1, -1, dtype=torch.float64)[:, None]
+
+
+def _kernels_general(xt, s, up, count, over, qmin: int, qmax: int):
+    """Stage K by the full priority order on kernels (k, m) that the fast path does not cover.
+
+    Returns the K levels (k, m), the error sums after K, the candidates' stage-C priorities and
+    rows, and the level a candidate takes if stage C flips it."""
+    k = xt.shape[0]
+    rn = torch.round(xt)
+    e = rn - xt
+    prio, step = _priority(xt, e, up, qmin, qmax)
+    # The candidate for stage C: the last flipped element if over-flipped (rank k-1 when count == 0:
+    # edge case 1), else the next one.
+    cand_rank = torch.where(over, torch.where(count > 0, count - 1, k - 1), count)
+    flip, cand_k = _order_kernels(prio, count, cand_rank)
+    moved = flip & (prio > 0)
+    num = torch.addcmul(rn, moved.to(xt.dtype), step)
+    # Each kernel's error sum after K, in float64: every move adds +-1; a handed-out element that
+    # cannot move records error 0 instead of e (edge case 2).
+    s_after = s + step.double() * moved.sum(0, dtype=torch.int32)
+    handed = flip & ~moved
+    if bool(handed.any()):
+        s_after -= (e * handed).sum(0, dtype=torch.float64)
+    e_c = e.gather(0, cand_k)[0]
+    cand_moved = moved.gather(0, cand_k)[0]
+    err_c = torch.where(cand_rank < count, cand_moved * step.double(), 0.0) + e_c.double()
+    err_c = torch.where((cand_rank < count) & ~cand_moved, 0.0, err_c)
+    # Stage C moves a candidate from its ORIGINAL rounding, in the candidate's direction (so an
+    # un-flip returns to rn), or keeps rn where that move is not allowed.
+    x_c, rn_c = xt.gather(0, cand_k)[0], rn.gather(0, cand_k)[0]
+    pr_c, step_c = _priority(x_c, rn_c - x_c, up ^ over, qmin, qmax)
+    return num, s_after, err_c.abs(), cand_k[0], rn_c + step_c * (pr_c > 0)
 
 
 def _network(n: int) -> list[tuple[int, int]]:
@@ -198,65 +401,95 @@ def _ranks(prio: Tensor) -> Tensor:
     return rank
 
 
-def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool) -> Tensor:
-    """Stage K on a (o, n_in, k) block, in the kernel-major layout; then stage C if asked."""
-    o, n_in, k = x.shape
-    xt = x.permute(2, 0, 1).reshape(k, o * n_in)
-    rn = torch.round(xt)
-    e = rn - xt  # exact in float32 (|e| <= 0.5 next to an integer)
-    s = e.sum(0, dtype=torch.float64)
-    up, count, over = _direction(s)
-    prio, step = _priority(xt, e, up, qmin, qmax)
-    # The candidate for stage C: the last flipped element if over-flipped (rank k-1 when count == 0:
-    # edge case 1), else the next one; an over-flipped kernel offers an un-flip (other direction).
-    cand_rank = torch.where(over, torch.where(count > 0, count - 1, k - 1), count)
-    flip, cand_k = _order_kernels(prio, count, cand_rank)
-    moved = flip & (prio > 0)
-    num = torch.addcmul(rn, moved.to(xt.dtype), step)
-    if not do_c:
-        return num.view(k, o, n_in).permute(1, 2, 0)
-    # Each kernel's error sum after K, in float64: every move adds +-1; a handed-out element that
-    # cannot move records error 0 instead of e (edge case 2).
-    s_after = s + step.double() * moved.sum(0, dtype=torch.int32)
-    handed = flip & ~moved
-    if bool(handed.any()):
-        s_after -= (e * handed).sum(0, dtype=torch.float64)
-    e_c = e.gather(0, cand_k)[0]
-    cand_moved = moved.gather(0, cand_k)[0]
-    err_c = torch.where(cand_rank < count, cand_moved * step.double(), 0.0) + e_c.double()
-    err_c = torch.where((cand_rank < count) & ~cand_moved, 0.0, err_c)
-    cand_pr = err_c.abs().view(o, n_in)
-    cand_up = (up ^ over).view(o, n_in)
+# ---------------------------------------------------------------------------------------------
+# Stage C alone (K off, or one-element kernels), and the per-row selections
+# ---------------------------------------------------------------------------------------------
 
-    up_c, count_c, _ = _direction(s_after.view(o, n_in).sum(1))
-    prio_c = torch.where(cand_up == up_c[:, None], cand_pr, 0.0)
-    # One candidate per kernel, so kernel order is flat-index order among candidates.
-    chosen = _first_k(prio_c, count_c)
-    short = count_c > (prio_c > 0).sum(1)  # the order also hands out zero-priority elements
-    chosen &= ~short[:, None]
-    x_c, rn_c = xt.gather(0, cand_k)[0], rn.gather(0, cand_k)[0]
-    up_ck = up_c.repeat_interleave(n_in)
-    pr_c, step_c = _priority(x_c, rn_c - x_c, up_ck, qmin, qmax)
-    target = rn_c + step_c * (pr_c > 0)  # the original-based neighbour, or rn if it cannot move
-    num.scatter_(0, cand_k, torch.where(chosen.view(-1), target, num.gather(0, cand_k)[0])[None])
-    levels = num.view(k, o, n_in).permute(1, 2, 0).contiguous()
-    if bool(short.any()):  # rare: the first zero-priority elements by flat index also flip
-        full = torch.zeros(int(short.sum()), n_in, k, dtype=prio_c.dtype)
-        full.scatter_(2, cand_k[0].view(o, n_in)[short][..., None], prio_c[short][..., None])
-        sel = _first_k(full.view(len(full), -1), count_c[short]).view(-1, n_in, k)
-        xs = x[short]
+
+def _channel_stage(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> int:
+    """Round (and stage C over all elements of each channel) on x (o, n), in blocks of channels;
+    writes the levels into ``out`` and returns the number of levels that differ from rounding."""
+    rows = max(1, CHUNK_ELEMS // max(x.shape[1], 1))
+    changed = 0
+    for lo in range(0, len(x), rows):
+        xb, num = x[lo : lo + rows], out[lo : lo + rows]
+        torch.round(xb, out=num)
+        if do_c:
+            changed += _channel_only(xb, num, qmin, qmax)
+        else:
+            num.clamp_(qmin, qmax)
+    return changed
+
+
+def _channel_only(x: Tensor, num: Tensor, qmin: int, qmax: int) -> int:
+    """Stage C on a block x (o, n) whose rounding is in ``num``; moves ``num`` in place (clamped)
+    and returns the number of changed levels.
+
+    Fast path, per regular channel: the priorities' count-th largest value is a threshold (no tie
+    across it, positive), the elements at or above it move."""
+    o, n = x.shape
+    e = num - x
+    s = e.sum(1, dtype=torch.float64).numpy()
+    up, count, _ = _direction(s)
+    step = -np.sign(s).astype(np.float32)  # +1 up, -1 down; 0 where s == 0 (count 0: no move)
+    q = _move_priority(x, e, torch.from_numpy(step)[:, None], qmin, qmax).numpy()
+    thr, ok = _thresholds(q, count)
+    at = np.flatnonzero(q >= thr[:, None])  # thr = inf: none
+    num.view(-1).numpy()[at] += step[at // n]
+    exact_count = _in_span(x, qmin, qmax)
+    changed = int((count * ok).sum())
+    bad = np.flatnonzero(~ok)
+    if len(bad):  # the general code: the full order of each such channel
+        rows = torch.from_numpy(bad)
+        xs = x[rows]
         rns = torch.round(xs)
-        pr_s, step_s = _priority(xs, rns - xs, up_c[short][:, None, None], qmin, qmax)
-        levels[short] = torch.where(sel, rns + step_s * (pr_s > 0), levels[short])
-    return levels
+        prio, step_s = _priority(xs, rns - xs, torch.from_numpy(up[bad])[:, None], qmin, qmax)
+        moved = _first_k(prio, torch.from_numpy(count[bad]).long()) & (prio > 0)
+        levels = torch.addcmul(rns, moved.to(x.dtype), step_s).clamp_(qmin, qmax)
+        num[rows] = levels
+        changed += int((levels != rns.clamp_(qmin, qmax)).sum())
+    if not exact_count:  # a move from an out-of-grid rounding may not change the clamped level
+        num.clamp_(qmin, qmax)
+        changed = int((num != torch.round(x).clamp_(qmin, qmax)).sum())
+    return changed
 
 
-def _channel_only(x: Tensor, rn: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Stage C over all elements of each channel (K off, or 1-element kernels). Shapes (o, n)."""
-    e = rn - x
-    up, count, _ = _direction(e.sum(1, dtype=torch.float64))
-    prio, step = _priority(x, e, up[:, None], qmin, qmax)
-    return torch.addcmul(rn, (_first_k(prio, count) & (prio > 0)).to(x.dtype), step)
+def _thresholds(prio: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``prio`` (o, n): the count-th largest value, and whether the first ``count``
+    elements in (priority desc, index asc) order are exactly those at or above it with priority
+    > 0 (count 0, or that value is positive and larger than the next). The threshold is +inf
+    where count is 0 or the row is not exact. numpy's partition: several times faster than
+    torch.topk on CPU."""
+    o, n = prio.shape
+    c = count.astype(np.int64)
+    thr = np.full(o, np.inf, dtype=prio.dtype)
+    cmax = int(c.max()) if o else 0
+    if cmax == 0:
+        return thr, np.ones(o, dtype=bool)
+    m = min(cmax + 1, n)
+    top = np.sort(np.partition(prio, n - m, axis=1)[:, n - m :], axis=1)  # the m largest, ascending
+    rows = np.arange(o)
+    last = top[rows, np.clip(m - c, 0, m - 1)]  # the c-th largest
+    after = top[rows, np.clip(m - 1 - c, 0, None)]
+    ok = (c == 0) | ((c <= n) & (last > 0) & ((c == n) | (last > after)))
+    use = ok & (c > 0)
+    thr[use] = last[use]
+    return thr, ok
+
+
+def _choose(prio: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stage C's flipped candidates (o, n) and the rows whose order also hands out zero-priority
+    elements ("short": count > number of positive priorities; none chosen there)."""
+    thr, ok = _thresholds(prio, count)
+    chosen = prio >= thr[:, None]
+    short = np.zeros(len(prio), dtype=bool)
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        pb, cb = torch.from_numpy(prio[bad]), torch.from_numpy(count[bad]).long()
+        sh = cb > (pb > 0).sum(1)
+        chosen[bad] = (_first_k(pb, cb) & ~sh[:, None]).numpy()
+        short[bad] = sh.numpy()
+    return chosen, short
 
 
 def _first_k(prio: Tensor, count: Tensor) -> Tensor:
