@@ -161,7 +161,7 @@ def _priority(x: Tensor, e: Tensor, up: Tensor, qmin: int, qmax: int) -> tuple[T
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> Tensor:
+def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> int:
     """Stage K on x (o, n_in, k), then stage C if asked; writes the levels into ``out``, returns
     the number of levels that differ from round-to-nearest.
 
@@ -172,23 +172,20 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
     o, n_in, k = x.shape
     r = o * n_in
     x2, out2 = x.reshape(r, k), out.view(r, k)
-    flat = out2.view(-1).numpy()  # shares memory: the sparse moves are written through it
     s = np.empty(r)
     fast = x.dtype == torch.float32 and k <= 16  # the keys' low bits hold the row (float64: general code)
-    kern = _KernelInfo(r) if fast else None
+    kern = _KernelInfo(r)
     cols = max(1, CHUNK_ELEMS // k)
     for lo in range(0, r, cols):
-        xb = x2[lo : lo + cols]
-        torch.round(xb, out=out2[lo : lo + cols])
+        xb, ob = x2[lo : lo + cols], out2[lo : lo + cols]
+        torch.round(xb, out=ob)
         xt = _kernel_major(xb)
         e = torch.round(xt) - xt  # exact in float32 (|e| <= 0.5 next to an integer)
         s[lo : lo + cols] = e.sum(0, dtype=torch.float64).numpy()
-        if kern is not None:
-            _fast_kernels(xt, e, s[lo : lo + cols], qmin, qmax, kern, lo, flat)
+        if fast:
+            _fast_kernels(xt, e, s[lo : lo + cols], qmin, qmax, kern, lo, ob)
     up, count, over = _direction(s)
-    if kern is None:
-        kern = _KernelInfo(r)
-        kern.cand_up = up ^ over
+    exact_count = kern.span_ok(qmin, qmax) if fast else _in_span(x2, qmin, qmax)
     changed = kern.changed
 
     irr = np.flatnonzero(~kern.regular)
@@ -198,17 +195,19 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
             xg, torch.from_numpy(s[irr]), torch.from_numpy(up[irr]), torch.from_numpy(count[irr]).long(),
             torch.from_numpy(over[irr]), qmin, qmax)
         kern.s_after[irr], kern.cand_pr[irr] = s_after.numpy(), cand_pr.numpy()
-        kern.cand_pos[irr] = irr * k + cand_k.numpy()
+        kern.cand_row[irr] = cand_k.numpy()
 
     short = None
     if do_c:
         up_c, count_c, _ = _direction(torch.from_numpy(kern.s_after).view(o, n_in).sum(1).numpy())
-        prio_c = kern.cand_pr.reshape(o, n_in) * (kern.cand_up.reshape(o, n_in) == up_c[:, None])
+        cand_up = up ^ over  # an over-flipped kernel offers an un-flip (the other direction)
+        prio_c = kern.cand_pr.reshape(o, n_in) * (cand_up.reshape(o, n_in) == up_c[:, None])
         chosen, short = _choose(prio_c, count_c)
         chosen = chosen.reshape(-1)
-        at = np.flatnonzero(chosen & kern.regular)  # regular: C moves the candidate by cdelta
-        flat[kern.cand_pos[at]] += kern.cdelta[at]
-        changed += int((1 - 2 * over[at]).sum())  # a flip adds a changed level, an un-flip removes one
+        at = np.flatnonzero(chosen & kern.regular)  # there C moves the candidate: flip or un-flip
+        flip = ~over[at]
+        out2.view(-1).numpy()[at * k + kern.cand_row[at]] += np.where(flip ^ up[at], -1.0, 1.0)
+        changed += int(2 * flip.sum()) - len(at)  # a flip adds a changed level, an un-flip removes one
     if len(irr):  # the others: their K levels, and stage C's level for a chosen candidate
         if do_c:
             ck = cand_k[None]
@@ -217,7 +216,6 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
         g_num.clamp_(qmin, qmax)
         changed += int((g_num != torch.round(xg).clamp_(qmin, qmax)).sum())
         out2[torch.from_numpy(irr)] = g_num.t()
-    exact_count = _in_span(x2, qmin, qmax)
     if not exact_count:
         out2.clamp_(qmin, qmax)
     if short is not None and short.any():
@@ -228,11 +226,9 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
         rns = torch.round(xs)
         before = int((out[sh] != rns.clamp(qmin, qmax)).sum())
         prio_s = torch.from_numpy(prio_c)[sh]
-        full = torch.zeros(len(sh), n_in * k, dtype=prio_s.dtype)
-        cand_in = torch.from_numpy(kern.cand_pos.reshape(o, n_in))[sh] - torch.from_numpy(
-            np.arange(o) * (n_in * k))[sh][:, None]  # flat index within the channel
-        full.scatter_(1, cand_in, prio_s)
-        sel = _first_k(full, torch.from_numpy(count_c).long()[sh]).view(-1, n_in, k)
+        full = torch.zeros(len(sh), n_in, k, dtype=prio_s.dtype)
+        full.scatter_(2, torch.from_numpy(kern.cand_row.astype(np.int64).reshape(o, n_in, 1))[sh], prio_s[..., None])
+        sel = _first_k(full.view(len(sh), -1), torch.from_numpy(count_c).long()[sh]).view(-1, n_in, k)
         pr_s, step_s = _priority(xs, rns - xs, torch.from_numpy(up_c)[sh][:, None, None], qmin, qmax)
         levels = torch.where(sel, rns + step_s * (pr_s > 0), out[sh]).clamp_(qmin, qmax)
         out[sh] = levels
@@ -244,17 +240,20 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
 
 class _KernelInfo:
     """Per-kernel results of stage K over a layer (numpy arrays of length R), as stage C needs them:
-    regular (fast path), error sum after K, candidate's priority, direction and flat position
-    in the levels, and its move if C flips it (regular kernels)."""
+    regular (fast path), error sum after K, the candidate's priority and row; the number of
+    changed levels so far, and the range of the values seen."""
 
     def __init__(self, r: int):
         self.regular = np.zeros(r, dtype=bool)
         self.s_after = np.zeros(r)
         self.cand_pr = np.zeros(r)
-        self.cand_up = np.zeros(r, dtype=bool)
-        self.cand_pos = np.zeros(r, dtype=np.int64)
-        self.cdelta = np.zeros(r, dtype=np.float32)
+        self.cand_row = np.zeros(r, dtype=np.int32)
         self.changed = 0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def span_ok(self, qmin: int, qmax: int) -> bool:
+        """As ``_in_span``, from the kernels' minima and maxima seen."""
+        return self.lo > qmin - 0.5 and self.hi < qmax + 0.5
 
 
 KEY_BASE = 111 << 23  # float32 bits of 2**-16: smaller priorities share the lowest key class
@@ -262,9 +261,9 @@ KEY_TOP = 126 << 23  # float32 bits of 0.5, the largest priority
 
 
 def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, kern: _KernelInfo,
-                  lo: int, flat: np.ndarray) -> None:
+                  lo: int, out: Tensor) -> None:
     """Stage K on a block of float32 kernels (k, m) in kernel-major layout: fills ``kern`` at
-    [lo, lo + m) and applies the K moves of the regular kernels to the levels (``flat``).
+    [lo, lo + m) and applies the K moves of the regular kernels to their levels ``out`` (m, k).
 
     A kernel is regular when its outcome depends on its first two elements only: s != 0, at most
     the first two ranks matter (count 0 or 1 under-flipped, count 1 or 2 over-flipped), those hold
@@ -280,31 +279,29 @@ def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, ke
     step = up * np.float32(2) - 1  # +1 up, -1 down
     rank = count - over  # the candidate's rank: the last flipped element if over-flipped, else the next
     second = rank == 1
-    q = e * torch.from_numpy(-step)
-    keys = (q.view(torch.int32).clamp(KEY_BASE, KEY_TOP) - KEY_BASE).bitwise_left_shift_(shift)
-    keys.bitwise_or_(torch.arange(k - 1, -1, -1, dtype=torch.int32)[:, None])
+    keys = (e * torch.from_numpy(-step)).view(torch.int32).clamp_(KEY_BASE, KEY_TOP).sub_(KEY_BASE)
+    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(k - 1, -1, -1, dtype=torch.int32)[:, None])
     first = keys.amax(0).numpy()
     row0 = (k - 1) - (first & ((1 << shift) - 1))
-    keys.view(-1).index_fill_(0, torch.from_numpy(row0 * np.int64(m) + np.arange(m)), -1)
-    nxt = keys.amax(0).numpy()
+    need = np.flatnonzero(second)  # the second element matters there only
+    keys.numpy().reshape(-1)[row0[need] * np.int64(m) + need] = -1
+    nxt = keys.amax(0).numpy()  # the second element where needed
     row1 = (k - 1) - (nxt & ((1 << shift) - 1))
     cand_key = first + (nxt - first) * second
-    on_grid = (xt.amax(0).numpy() <= qmax) & (xt.amin(0).numpy() >= qmin)
-    regular = on_grid & (s != 0) & (rank <= 1) & (cand_key >= (1 << shift))
-    p = ((cand_key >> shift) + KEY_BASE).astype(np.int32).view(np.float32).astype(np.float64)
+    col_lo, col_hi = xt.amin(0).numpy(), xt.amax(0).numpy()
+    kern.lo, kern.hi = min(kern.lo, float(col_lo.min())), max(kern.hi, float(col_hi.max()))
+    regular = (col_lo >= qmin) & (col_hi <= qmax) & (s != 0) & (rank <= 1) & (cand_key >= (1 << shift))
+    p = ((cand_key >> shift) + KEY_BASE).view(np.float32).astype(np.float64)
     sl = slice(lo, lo + m)
     kern.regular[sl] = regular
     kern.s_after[sl] = s + step * count  # every flip moves
     kern.cand_pr[sl] = np.abs(over - p)  # |e| (flip) or |e + step| = 1 - |e| in float64 (un-flip)
-    kern.cand_up[sl] = up ^ over  # an over-flipped kernel offers an un-flip (the other direction)
-    base = (lo + np.arange(m)) * k
-    kern.cand_pos[sl] = base + row0 + (row1 - row0) * second
-    kern.cdelta[sl] = step * (1 - 2 * over)
-    # K moves: the first element where count >= 1, the second where count == 2
-    for row, flips in ((row0, count >= 1), (row1, count >= 2)):
-        at = np.flatnonzero(regular & flips)
-        flat[base[at] + row[at]] += step[at]
-    kern.changed += int((count * regular).sum())
+    kern.cand_row[sl] = row0 + (row1 - row0) * second
+    # K moves, as sparse adds: the first element where count >= 1, the second where count == 2
+    one, two = np.flatnonzero(regular & (count >= 1)), np.flatnonzero(regular & (count >= 2))
+    at = np.concatenate([one * k + row0[one], two * k + row1[two]])
+    out.view(-1).scatter_add_(0, torch.from_numpy(at), torch.from_numpy(step[np.concatenate([one, two])]))
+    kern.changed += len(at)
 
 
 def _kernel_major(xb: Tensor) -> Tensor:

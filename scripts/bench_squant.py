@@ -2,12 +2,16 @@
 loop-per-kernel reference (tests/test_squant.py), and measures its peak extra memory.
 
     python scripts/bench_squant.py [--models resnet18,resnet50,mobilenet_v2] [--bits 4] [--repeats 5]
+                                   [--threads 1,2]
 
 Weights are random-init (timing does not depend on them). One pass = every Conv/Linear weight
 through the per-channel asymmetric grid (``weight_grid``) and ``Squant.round_weights``, as in
 ``Method.quantize``; each layer's levels are dropped before the next layer, as the pipeline does
-when it writes them back into the weight. Times are medians of ``--repeats`` passes after one
-warm-up pass, wall clock and process CPU time, with torch's default thread count.
+when it writes them back into the weight. At each thread count of ``--threads``
+(``torch.set_num_threads``), RTN and SQuant passes alternate, one of each per repeat after one
+warm-up pair, so that both see the same load on a shared machine; times are medians of
+``--repeats`` (wall clock; SQuant's process CPU time too), and /RTN is the median of the
+per-repeat ratios SQuant / RTN.
 
 The loop reference is too slow for whole models: it runs on the first output channels of every
 layer (about ``--ref-elems`` weights in all; stage C is per output channel, so a channel subset is
@@ -70,16 +74,19 @@ def rtn_pass(weights, bits: int) -> None:
         weight_grid(w, bits, per_channel=True, symmetric=False).levels(w)
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median wall and CPU seconds over ``repeats`` calls, after one warm-up call."""
-    fn()
-    wall, cpu = [], []
+def timed_pair(rtn, squant, repeats: int) -> dict:
+    """RTN and SQuant alternately, ``repeats`` times after one warm-up pair: median wall seconds of
+    each, SQuant's median CPU seconds, and the median of the per-repeat ratios SQuant / RTN."""
+    rtn(), squant()
+    rows = []
     for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+        t0 = time.perf_counter()
+        rtn()
+        t1, c1 = time.perf_counter(), time.process_time()
+        squant()
+        rows.append((t1 - t0, time.perf_counter() - t1, time.process_time() - c1))
+    rtn_s, sq_s, sq_cpu = (statistics.median(col) for col in zip(*rows, strict=True))
+    return {"rtn": rtn_s, "squant": sq_s, "cpu": sq_cpu, "ratio": statistics.median(b / a for a, b, _ in rows)}
 
 
 def reference_subset(weights, bits: int, budget: int, reference, method: Squant) -> dict:
@@ -133,6 +140,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--ref-elems", type=int, default=150_000, help="weights the loop reference runs on")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,10 +148,10 @@ def main() -> None:
         memory_child(args.memory_child, args.bits)
         return
     reference = load_reference()
-    print(f"torch {torch.__version__}, 1 and {torch.get_num_threads()} threads, W{args.bits} per-channel "
-          f"asymmetric, median of {args.repeats} after a warm-up; load average at start "
-          f"{os.getloadavg()[0]:.1f}")
-    threads = sorted({1, torch.get_num_threads()})
+    threads = [int(t) for t in args.threads.split(",")]
+    print(f"torch {torch.__version__}, threads {args.threads}, W{args.bits} per-channel asymmetric, "
+          f"RTN and SQuant alternating, median of {args.repeats} after a warm-up; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     header = f"{'model':13s}{'weights':>9s}{'thr':>4s}{'RTN s':>8s}{'SQuant s':>10s}{'cpu s':>8s}{'/RTN':>6s}"
     print(header + f"{'loop ref s*':>12s}{'ref/SQ':>8s}{'agree':>7s}{'extra MB':>10s}{'/weights':>10s}")
     default_threads = torch.get_num_threads()
@@ -155,11 +163,11 @@ def main() -> None:
         extra = measure_memory(name, args.bits)
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            rtn_wall, _ = timed(lambda w=weights: rtn_pass(w, args.bits), args.repeats)
-            sq_wall, sq_cpu = timed(lambda w=weights, m=method: squant_pass(w, args.bits, m), args.repeats)
-            line = (f"{name:13s}{size / 2**20:>7.1f}MB{n_threads:>4d}{rtn_wall:>8.3f}{sq_wall:>10.3f}"
-                    f"{sq_cpu:>8.3f}{sq_wall / rtn_wall:>6.1f}{ref['extrapolated']:>12.1f}"
-                    f"{ref['extrapolated'] / sq_wall:>8.0f}")
+            t = timed_pair(lambda w=weights: rtn_pass(w, args.bits),
+                           lambda w=weights, m=method: squant_pass(w, args.bits, m), args.repeats)
+            line = (f"{name:13s}{size / 2**20:>7.1f}MB{n_threads:>4d}{t['rtn']:>8.3f}{t['squant']:>10.3f}"
+                    f"{t['cpu']:>8.3f}{t['ratio']:>6.2f}{ref['extrapolated']:>12.1f}"
+                    f"{ref['extrapolated'] / t['squant']:>8.0f}")
             if n_threads == threads[0]:
                 line += f"{'yes' if ref['agree'] else 'NO':>7s}{extra / 2**20:>10.1f}{extra / size:>10.2f}"
             print(line)
