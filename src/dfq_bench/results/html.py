@@ -1,15 +1,15 @@
 """The results page: one self-contained HTML file (``index.html``) per results directory.
 
-Made by the reporter from the cells it aggregates (``report.aggregate``; nothing is recomputed here)
-and written beside its tables, or alone with ``python -m dfq_bench.report ... --html``. No network:
-the CSS and the sorting script are inline, the plots are inline SVG. Per (model, dataset): the top-1
-of each method at each bit setting, a table with one line per (method, bit setting) (mean ± std over
-seeds, delta to FP32, FP32, top-5, agreement, quantization time, and the published number where rows
-carry one), the plots, and under each line its runs with their provenance and the command that
-reproduces each; then the failed runs. Every table sorts by a click on a column header (numbers by
-value, text alphabetically; again: the other direction), and the address fragment ``#sort=top1:desc``
-(a column key, ``asc`` or ``desc``) sorts every table having that column when the page opens;
-``#open=all`` opens every run list (``#sort=top1:desc&open=all`` does both).
+Made by the reporter from the cells it aggregates (``report.aggregate``: a DataFrame, a line per cell;
+nothing is recomputed here) and written beside its tables, or alone with ``python -m dfq_bench.report
+... --html``. No network: the CSS and the sorting script are inline, the plots are inline SVG. Per
+(model, dataset): the top-1 of each method at each bit setting, a table with one line per (method, bit
+setting) (mean ± std over seeds, delta to FP32, FP32, top-5, agreement, quantization time, and the
+published number where rows carry one), the plots, and under each line its runs with their provenance
+and the command that reproduces each; then the failed runs. Every table sorts by a click on a column
+header (numbers by value, text alphabetically; again: the other direction), and the address fragment
+``#sort=top1:desc`` (a column key, ``asc`` or ``desc``) sorts every table having that column when the
+page opens; ``#open=all`` opens every run list (``#sort=top1:desc&open=all`` does both).
 
 The same rows give the same bytes: nothing depends on the time or the machine of the reporter, rows
 and cells are in the reporter's order, and the SVG ids are fixed (``svg.hashsalt``) and prefixed per
@@ -25,6 +25,8 @@ import re
 import shlex
 from html import escape
 from pathlib import Path
+
+import pandas as pd
 
 from dfq_bench.results import atomic_write
 from dfq_bench.results import report as rp
@@ -234,23 +236,21 @@ def _section_id(model: str, dataset: str) -> str:
     return f"{rp.slug(model)}__{rp.slug(dataset)}"
 
 
-def _pivot_table(sec: list[rp.Cell], sid: str) -> str:
-    variants, labels, grid, fp32 = rp._pivot(sec)
-    cols = [Col("method", "method", num=False), Col("fp32", "FP32"), *(Col(lab, lab) for lab in labels)]
+def _pivot_table(sec: pd.DataFrame, sid: str) -> str:
+    text, mean, fp32 = rp.pivot(sec, rp.texts(sec, "top1")).fillna(""), rp.pivot(sec, sec.top1_mean), rp.fp32(sec)
+    cols = [Col("method", "method", num=False), Col("fp32", "FP32"), *(Col(lab, lab) for lab in text.columns)]
     body = []
-    for v in variants:
-        line = [_td(v, cls="t"), _td(rp.fmt(fp32[v]), _num(fp32[v]))]
-        for lab in labels:
-            c = grid.get((v, lab))
-            line.append(_td("", "") if c is None else _td(rp.fmt_ms(*c.stats["top1"], c.n), _num(c.stats["top1"][0])))
+    for v, texts, means in zip(text.index, text.to_numpy().tolist(), mean.to_numpy().tolist(), strict=True):
+        line = [_td(v, cls="t"), _td(rp.fmt(fp32[v]), _num(fp32[v]))]  # a missing cell: no text, no number
+        line += [_td(t, _num(m)) for t, m in zip(texts, means, strict=True)]
         body.append("".join(line))
     return _table(cols, body, f"pivot__{sid}")
 
 
-def _cells_table(sec: list[rp.Cell], sid: str, commands: Commands) -> tuple[str, str]:
+def _cells_table(sec: pd.DataFrame, sid: str, commands: Commands) -> tuple[str, str]:
     """The sortable table of the cells of a section, and the run lists its last column links to."""
-    paper = any(c.paper_top1 is not None for c in sec)
-    order = {lab: i for i, lab in enumerate(rp._pivot(sec)[1])}
+    paper = sec.paper_top1.notna().any()
+    order = {lab: i for i, lab in enumerate(rp.bit_labels(sec))}
     cols = [Col("method", "method", num=False), Col("bits", "bits", tip="W = weight bits, A = activation bits "
                                                    "(A32 = float)"),
             Col("n", "runs"), Col("seeds", "seeds"), Col("top1", "top-1 (%)", tip="mean ± sample std over the runs"),
@@ -261,16 +261,15 @@ def _cells_table(sec: list[rp.Cell], sid: str, commands: Commands) -> tuple[str,
         cols += [Col("paper", "paper"), Col("ours_minus_paper", "ours - paper")]
     cols.append(Col("runs", "provenance", num=False))
     body, runs = [], []
-    for k, c in enumerate(sorted(sec, key=lambda c: (c.variant, rp.bits_order(c.wbits, c.abits)))):
-        s = c.stats
+    for k, c in enumerate(sec.itertuples(index=False)):  # by variant and bit setting
         line = [_td(c.variant, cls="t"), _td(c.bits, str(order[c.bits])), _td(c.n, str(c.n)),
-                _td(c.n_seeds, str(c.n_seeds)), _td(rp.fmt_ms(*s["top1"], c.n), _num(s["top1"][0])),
-                _td(rp.fmt_ms(*s["delta_top1"], c.n, "+.2f"), _num(s["delta_top1"][0])),
-                _td(rp.fmt(s["top1_fp32"][0]), _num(s["top1_fp32"][0])), _td(rp.fmt(s["top5"][0]), _num(s["top5"][0])),
-                _td(rp.fmt(s["agree_fp32"][0]), _num(s["agree_fp32"][0])),
-                _td(rp.fmt_time(*s["t_quant_s"]), _num(s["t_quant_s"][0]))]
-        if paper:
-            diff = s["top1"][0] - c.paper_top1 if c.paper_top1 is not None else None
+                _td(c.n_seeds, str(c.n_seeds)), _td(rp.fmt_ms(c.top1_mean, c.top1_std, c.n), _num(c.top1_mean)),
+                _td(rp.fmt_ms(c.delta_top1_mean, c.delta_top1_std, c.n, "+.2f"), _num(c.delta_top1_mean)),
+                _td(rp.fmt(c.top1_fp32_mean), _num(c.top1_fp32_mean)), _td(rp.fmt(c.top5_mean), _num(c.top5_mean)),
+                _td(rp.fmt(c.agree_fp32_mean), _num(c.agree_fp32_mean)),
+                _td(rp.fmt_time(c.t_quant_s_mean), _num(c.t_quant_s_mean))]
+        if paper:  # NaN where a cell has no published number: shown as "-", sorted last
+            diff = c.top1_mean - c.paper_top1
             line += [_td(rp.fmt(c.paper_top1), _num(c.paper_top1)), _td(rp.fmt(diff, "+.2f"), _num(diff))]
         anchor = f"runs__{sid}__{k}"
         line.append(_td(f'<a href="#{_e(anchor)}">{_n_runs(len(c.rows))}</a>', cls="t", raw=True))
@@ -279,17 +278,15 @@ def _cells_table(sec: list[rp.Cell], sid: str, commands: Commands) -> tuple[str,
     return _table(cols, body, f"cells__{sid}"), "".join(runs)
 
 
-def _paper_table(sec: list[rp.Cell], sid: str) -> str:
-    rows = rp._paper_rows(sec)
-    if not rows:
+def _paper_table(sec: pd.DataFrame, sid: str) -> str:
+    table = rp.paper_table(sec)
+    if table.empty:
         return ""
     keys = ("method", "bits", "ours", "paper", "ours_minus_paper", "fp32", "paper_fp32", "source")
     cols = [Col(k, h, num=k not in ("method", "bits", "source")) for k, h in zip(keys, rp.PAPER_HEADER, strict=True)]
-    cells = [c for c in sec if c.paper_top1 is not None]
     body = []
-    for c, r in zip(cells, rows, strict=True):
-        vals = (None, None, c.stats["top1"][0], c.paper_top1, c.stats["top1"][0] - c.paper_top1,
-                c.stats["top1_fp32"][0], c.paper_fp32, None)
+    for c, r in zip(sec[sec.paper_top1.notna()].itertuples(), table.itertuples(index=False), strict=True):
+        vals = (None, None, c.top1_mean, c.paper_top1, c.top1_mean - c.paper_top1, c.top1_fp32_mean, c.paper_fp32, None)
         body.append("".join(_td(text, None if v is None and k in ("method", "bits", "source") else _num(v),
                                 cls="t" if k in ("method", "bits", "source") else None)
                             for k, text, v in zip(keys, r, vals, strict=True)))
@@ -326,7 +323,7 @@ PLOT_CAPTIONS = {
 }
 
 
-def _plots(cells: list[rp.Cell]) -> dict[str, list[str]]:
+def _plots(cells: pd.DataFrame) -> dict[str, list[str]]:
     """section id -> its figures as inline SVG, in the reporter's order."""
     out: dict[str, list[str]] = {}
     for i, (stem, fig) in enumerate(rp.figures(cells)):
@@ -355,13 +352,13 @@ def _failed_table(rows: rp.Rows, commands: Commands) -> tuple[str, str]:
 # --- the page -----------------------------------------------------------------------------------
 
 
-def page(rows: rp.Rows, cells: list[rp.Cell], title: str, sources: list[str], make_plots: bool = True) -> str:
+def page(rows: rp.Rows, cells: pd.DataFrame, title: str, sources: list[str], make_plots: bool = True) -> str:
     """The HTML page of ``rows`` (as the reporter read them) and their ``cells``."""
-    sections = rp._sections(cells)
+    sections = dict(list(rp.sections(cells)))
     summary = {"title": title, "runs": len(rows.ok), "failed": len(rows.failed), "superseded": rows.n_superseded,
                "sections": [f"{m} / {d}" for m, d in sections],
-               "methods": sorted({c.method for c in cells})}
-    figs = _plots(cells) if make_plots and cells else {}
+               "methods": sorted(set(cells.method))}
+    figs = _plots(cells) if make_plots and len(cells) else {}
     commands = Commands()
     out = io.StringIO()
     out.write(f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -403,7 +400,7 @@ def page(rows: rp.Rows, cells: list[rp.Cell], title: str, sources: list[str], ma
     return out.getvalue()
 
 
-def write_page(rows: rp.Rows, cells: list[rp.Cell], out_dir: Path, title: str, sources: list[str],
+def write_page(rows: rp.Rows, cells: pd.DataFrame, out_dir: Path, title: str, sources: list[str],
                make_plots: bool = True) -> Path:
     path = Path(out_dir) / PAGE
     text = page(rows, cells, title, sources, make_plots)

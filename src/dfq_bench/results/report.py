@@ -8,13 +8,14 @@ cannot use (not UTF-8, not JSON, not an object, a field it needs missing, a stri
 belongs, an ok row without top1: ``results.row_problem``) is a ``file:line: <reason>`` warning and is
 skipped; the tables are made from the other rows.
 
-Rows are grouped by (model, dataset, method, bit-width label ``W4A4`` / ``W4A32`` for weight-only) and
-pooled over seeds: each cell is mean ± sample std over its n runs (std needs n >= 2). Runs of one
-method that differ in anything else recorded in the row (protocol, calibration data, method options,
-method version, weights, n_eval) are not pooled: such a method gets one table row per variant,
-labelled with the differing values (``squant protocol=squant_paper``). Deltas to FP32 are computed
-here, per row, as top1 - top1_fp32 of the same row. Rows that carry a ``paper`` block (experiment=
-overlays) get a side-by-side table: ours, the published number, and the difference.
+The ok rows become a pandas DataFrame, grouped by (model, dataset, method, bit-width label ``W4A4`` /
+``W4A32`` for weight-only) and pooled over seeds into another, a line per cell (``aggregate``): mean ±
+sample std over its n runs (std needs n >= 2). Runs of one method that differ in anything else recorded
+in the row (protocol, calibration data, method options, method version, weights, n_eval) are not pooled:
+such a method gets one table row per variant, labelled with the differing values (``squant
+protocol=squant_paper``). Deltas to FP32 are computed here, per row, as top1 - top1_fp32 of the same
+row. The tables are pivots of the cells (methods x bit settings); rows that carry a ``paper`` block
+(experiment= overlays) get a side-by-side table: ours, the published number, and the difference.
 
 Outputs in ``--out``: tables.md, tables.tex, summary.csv (long format, one line per cell),
 failed.csv, per (model, dataset) acc_vs_bits__<model>__<dataset>.{png,pdf} and
@@ -28,26 +29,19 @@ precision, and the plots carry no date or software version, so the same rows giv
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import io
-import json
 import math
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from dfq_bench.results import LastOk, fields, row_problem
 
-SUMMARY_COLUMNS = (
-    "model", "dataset", "method", "variant", "bits", "wbits", "abits", "n", "n_seeds",
-    "top1_mean", "top1_std", "top5_mean", "top5_std", "top1_fp32_mean", "delta_top1_mean", "delta_top1_std",
-    "agree_fp32_mean", "kl_fp32_mean", "t_quant_s_mean", "t_synth_s_mean", "t_total_s_mean",
-    "paper_top1", "paper_fp32", "ours_minus_paper",
-)
 FAILED_COLUMNS = ("run_id", "model", "dataset", "method", "bits", "seed", "error")
 
 
@@ -91,16 +85,51 @@ def rid_of(row: dict) -> str:
     return str(row.get("run_id"))
 
 
-# --- grouping ----------------------------------------------------------------------------------
+# --- pooling -----------------------------------------------------------------------------------
 
 # Cells pool runs over seeds by KEY_FIELDS; runs that differ in any other identity field of the row
-# schema (results.py), or in n_eval, are variants of a method, not pooled. VALUE_FIELDS are pooled.
+# schema (results.py), or in n_eval, are variants of a method, not pooled. METRICS are pooled: the
+# row's VALUE_FIELDS, the delta to FP32 and the stored bits per weight (the first of SIZE_FIELDS a row has).
 KEY_FIELDS = ("model", "dataset", "method", "wbits", "abits", "seed")
 SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval")
 VALUE_FIELDS = ("top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "t_quant_s", "t_synth_s", "t_total_s")
-_key, _values, _sig = itemgetter(*KEY_FIELDS), itemgetter(*VALUE_FIELDS), itemgetter(*SIG_FIELDS)
+SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")
+METRICS = (*VALUE_FIELDS, "delta_top1", "size")
+CELL_KEYS = ["model", "dataset", "method", "variant", "wbits", "abits"]
 _SHORT = {"method_version": "v", "method_cfg": "method"}  # facet names in variant labels
 _BLOCKS = ("method_cfg", "protocol", "data")  # config blocks: a facet per key, and the preset name
+
+
+def _settings(rows: list[dict]) -> tuple[list[int], list[tuple]]:
+    """A code per row for its (model, dataset, method, SIG_FIELDS values), and those distinct values by code.
+    The values hold dicts (unhashable), and a sweep has few distinct ones per method: a row is compared with
+    the first few of its method, and made hashable (``_frozen``) only where none is equal."""
+    codes, index, distinct, seen = [], {}, [], {}
+    for r in rows:
+        sig = tuple(map(r.get, SIG_FIELDS))  # rows from an older schema lack some: None
+        method = (str(r["model"]), str(r["dataset"]), str(r["method"]))
+        known = seen.setdefault(method, [])
+        for s, c in known:
+            if s == sig:
+                code = c
+                break
+        else:
+            code = index.setdefault((method, _frozen(sig)), len(index))
+            if code == len(distinct):
+                distinct.append((*method, sig))
+            if len(known) < 8:
+                known.append((sig, code))
+        codes.append(code)
+    return codes, distinct
+
+
+def _frozen(v):
+    """A hashable stand-in for the JSON value ``v``, equal to another one's where the values are equal."""
+    if isinstance(v, dict):
+        return dict, tuple(sorted((k, _frozen(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return list, tuple(map(_frozen, v))
+    return v
 
 
 def _facets(sig: tuple) -> dict:
@@ -134,250 +163,166 @@ def _variant_keys(facets: list[dict], cells: list[tuple]) -> list[str]:
     varying = sorted({k for per_cell in values.values() for k, vs in per_cell.items() if len(vs) > 1})
     keep = set(varying)
     for prefix in ("protocol", "data"):
-        fields = [k for k in varying if k.startswith(prefix + ".")]
-        if prefix in keep and fields:
-            determined = all(len({tuple(f.get(k) for k in fields) for f in facets if f.get(prefix) == name}) == 1
+        within = [k for k in varying if k.startswith(prefix + ".")]
+        if prefix in keep and within:
+            determined = all(len({tuple(f.get(k) for k in within) for f in facets if f.get(prefix) == name}) == 1
                              for name in {f.get(prefix) for f in facets})
             if determined:
-                keep -= set(fields)
+                keep -= set(within)
     return sorted(keep)
 
 
-def _label(method: str, facet: dict, keys: list[str]) -> str:
-    parts = [f"{k}={facet[k]}" for k in keys if facet.get(k) is not None]
-    return " ".join([method, *parts])
+def _labels(distinct: list[tuple], runs: pd.DataFrame) -> list[str]:
+    """The variant label of each setting code: its method and the facets that vary inside a cell of it."""
+    facets = [_facets(sig) for *_, sig in distinct]
+    by_method = defaultdict(list)
+    for code, w, a in runs[["code", "wbits", "abits"]].drop_duplicates().itertuples(index=False):
+        by_method[distinct[code][:3]].append((code, (w, None if a != a else a)))
+    labels = [""] * len(distinct)
+    for (*_, method), items in by_method.items():
+        keys = _variant_keys([facets[c] for c, _ in items], [cell for _, cell in items])
+        for c, _ in items:
+            labels[c] = " ".join([method, *(f"{k}={facets[c][k]}" for k in keys if facets[c].get(k) is not None)])
+    return labels
 
 
-@dataclass
-class Cell:
-    model: str
-    dataset: str
-    method: str
-    variant: str
-    wbits: int
-    abits: int | None
-    n: int
-    n_seeds: int
-    stats: dict  # metric -> (mean, std); std is nan for n < 2
-    paper_top1: float | None = None
-    paper_fp32: float | None = None
-    paper_source: str | None = None
-    rows: list[dict] = field(default_factory=list, repr=False, compare=False)  # its runs, in file order
-
-    @property
-    def bits(self) -> str:
-        return bits_label(self.wbits, self.abits)
-
-
-def _mean_std(values) -> tuple[float, float]:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return math.nan, math.nan
-    mean = math.fsum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-
-
-class _Signatures:
-    """Interns the SIG_FIELDS values of rows (dicts, so unhashable) by equality: a sweep has few."""
-
-    def __init__(self):
-        self.known: list[tuple] = []
-        self.by_json: dict[str, int] = {}
-        self.last = 0
-
-    def index(self, sig: tuple) -> int:
-        known = self.known
-        if known and known[self.last] == sig:
-            return self.last
-        if len(known) < 64:
-            for i, k in enumerate(known):
-                if k == sig:
-                    self.last = i
-                    return i
-        else:  # many distinct settings: hash their JSON instead of comparing one by one
-            blob = json.dumps(sig, sort_keys=True, default=str)
-            if blob in self.by_json:
-                self.last = self.by_json[blob]
-                return self.last
-            self.by_json[blob] = len(known)
-        known.append(sig)
-        self.last = len(known) - 1
-        return self.last
-
-
-def _row_parts(r: dict) -> tuple[tuple, tuple, tuple]:
-    try:
-        return _key(r), _sig(r), _values(r)
-    except KeyError:  # rows from an older schema: missing fields are None
-        return (tuple(r.get(k) for k in KEY_FIELDS), tuple(r.get(k) for k in SIG_FIELDS),
-                tuple(r.get(k) for k in VALUE_FIELDS))
-
-
-def aggregate(rows: list[dict]) -> tuple[list[Cell], list[str]]:
-    """Pools ok rows over seeds; returns the cells (sorted) and warnings."""
-    warnings = []
-    by_method: dict[tuple, tuple[_Signatures, list]] = {}
-    for r in rows:
-        key, sig, vals = _row_parts(r)
-        method_key = tuple(map(str, key[:3]))
-        entry = by_method.get(method_key)
-        if entry is None:
-            entry = by_method[method_key] = (_Signatures(), [])
-        entry[1].append((entry[0].index(sig), key[3], key[4], key[5], vals, r.get("paper"), r))
-    cells = []
-    for (model, dataset, method), (sigs, items) in sorted(by_method.items()):
-        facets = [_facets(s) for s in sigs.known]
-        pairs = sorted({(i, w, a) for i, w, a, *_ in items}, key=repr)
-        keys = _variant_keys([facets[i] for i, _, _ in pairs], [(w, a) for _, w, a in pairs])
-        labels = [_label(method, f, keys) for f in facets]
-        groups: dict[tuple, list] = defaultdict(list)
-        for item in items:
-            groups[(labels[item[0]], item[1], item[2])].append(item)
-        for (variant, wbits, abits), grp in groups.items():
-            columns = dict(zip(VALUE_FIELDS, zip(*(it[4] for it in grp), strict=True), strict=True))
-            stats = {m: _mean_std(columns[m]) for m in VALUE_FIELDS}
-            stats["delta_top1"] = _mean_std([a - b for a, b in zip(columns["top1"], columns["top1_fp32"], strict=True)
-                                             if a is not None and b is not None])
-            seeds = Counter(it[3] for it in grp)
-            if len(seeds) != len(grp):
-                warnings.append(f"{model}/{dataset} {variant} {bits_label(wbits, abits)}: {len(grp)} runs "
-                                f"for {len(seeds)} seeds (runs differing in unrecorded settings are pooled)")
-            cell = Cell(model, dataset, method, variant, wbits, abits, len(grp), len(seeds), stats,
-                        rows=[it[6] for it in grp])
-            papers = {_paper_numbers(it[5], method, cell.bits) for it in grp if it[5]} - {(None, None, None)}
-            if papers:
-                cell.paper_top1, cell.paper_fp32, cell.paper_source = sorted(papers, key=repr)[-1]
-            cells.append(cell)
-    cells.sort(key=lambda c: (c.model, c.dataset, c.variant, bits_order(c.wbits, c.abits)))
-    return cells, warnings
-
-
-def _paper_numbers(paper, method: str, label: str) -> tuple[float | None, float | None, str | None]:
-    """(published top-1 of ``method`` at ``label``, published FP32, source) from a row's paper block."""
-    if not isinstance(paper, dict):
-        return None, None, None
-    top1 = paper.get("top1")
-    top1 = top1.get(method) if isinstance(top1, dict) else None
-    value = top1.get(label) if isinstance(top1, dict) else None
-    source = paper.get("source")
-    return _number(value), _number(paper.get("fp32")), None if source is None else str(source)
+def _numbers(col: pd.Series) -> pd.Series:
+    """The column as floats; NaN for a missing, null or non-number value (``_number``)."""
+    return col.astype(float) if col.dtype.kind in "iuf" else col.map(_number).astype(float)
 
 
 def _number(v) -> float | None:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-# --- formatting --------------------------------------------------------------------------------
+def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Pools ok rows over seeds: a line per cell (CELL_KEYS, ``bits``, ``bits_order``, ``n`` runs, ``n_seeds``,
+    ``<metric>_mean`` and ``_std``, ``paper_top1``, ``paper_fp32``, ``paper_source``, its ``rows`` in file
+    order), sorted by model, dataset, variant and bit setting; and the warnings."""
+    codes, distinct = _settings(rows)
+    runs = pd.DataFrame(rows, columns=["wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS])
+    for f in (*VALUE_FIELDS, *SIZE_FIELDS):
+        runs[f] = _numbers(runs[f])
+    runs["delta_top1"] = runs.top1 - runs.top1_fp32
+    runs["size"] = runs.eff_wbits.fillna(runs.rex_eff_wbits)
+    runs["code"] = codes
+    settings = pd.DataFrame([d[:3] for d in distinct], columns=CELL_KEYS[:3]).assign(variant=_labels(distinct, runs))
+    runs = runs.join(settings, on="code")
+    groups = runs.groupby(CELL_KEYS, sort=False, dropna=False)
+    cell = groups.ngroup().to_numpy()
+    cells = groups.size().rename("n").reset_index().assign(n_seeds=groups["seed"].nunique().to_numpy())
+    cells = pd.concat([cells, _pooled(runs[list(METRICS)], cell, len(cells))], axis=1).rename_axis("cell")
+    cells["abits"] = pd.Series([None if a != a else int(a) for a in cells.abits], index=cells.index, dtype=object)
+    wa = list(zip(cells.wbits, cells.abits, strict=True))
+    rank = {k: i for i, k in enumerate(sorted(set(wa), key=lambda k: bits_order(*k)))}
+    cells["bits"], cells["bits_order"] = [bits_label(*k) for k in wa], [rank[k] for k in wa]
+    members = [[] for _ in range(len(cells))]
+    for r, c in zip(rows, cell.tolist(), strict=True):
+        members[c].append(r)
+    cells["rows"] = pd.Series(members, index=cells.index, dtype=object)
+    papers = [_paper(rs, m, b) for rs, m, b in zip(members, cells.method, cells.bits, strict=True)]
+    for i, name in enumerate(("paper_top1", "paper_fp32", "paper_source")):
+        cells[name] = pd.Series([p[i] for p in papers], index=cells.index, dtype=float if i < 2 else object)
+    pooled = cells[cells.n != cells.n_seeds].sort_values(["model", "dataset", "method", "cell"])
+    warnings = [f"{c.model}/{c.dataset} {c.variant} {c.bits}: {c.n} runs for {c.n_seeds} seeds (runs differing "
+                "in unrecorded settings are pooled)" for c in pooled.itertuples()]
+    return cells.sort_values(["model", "dataset", "variant", "bits_order"], ignore_index=True), warnings
 
 
-def fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def _pooled(values: pd.DataFrame, cell: np.ndarray, n_cells: int) -> pd.DataFrame:
+    """``<column>_mean`` and ``_std`` (sample std) of each column of ``values`` per ``cell`` over the runs that
+    have a value (NaN for none; for the std, for one). The sums are math.fsum's, exactly rounded, over each
+    cell's slice of the runs sorted by cell: pandas' sums may differ in the last bit, and the page shows means
+    in full (and a mean of 4 runs of 2-decimal numbers may end in 5 at the third)."""
+    order = np.argsort(cell, kind="stable")
+    bounds = [*np.searchsorted(cell[order], np.arange(n_cells)).tolist(), len(cell)]
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    x = values.to_numpy(dtype=float)[order]
+    present = ~np.isnan(x)
+    count = np.array([present[i:j].sum(axis=0) for i, j in spans]).reshape(n_cells, x.shape[1])
+
+    def fsums(a: np.ndarray) -> np.ndarray:
+        return np.array([[math.fsum(col[i:j]) for i, j in spans] for col in np.where(present, a, 0.0).T.tolist()]).T
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, fsums(x) / count, np.nan)
+        std = np.where(count > 1, np.sqrt(fsums((x - mean[cell[order]]) ** 2) / (count - 1)), np.nan)
+    return pd.DataFrame(np.hstack([mean, std]),
+                        columns=[*(f"{c}_mean" for c in values), *(f"{c}_std" for c in values)])
 
 
-def fmt_ms(mean: float, std: float, n: int, spec: str = ".2f") -> str:
-    """``66.14 ± 0.31 (3)``: mean ± sample std (n runs); no std for one run."""
-    if math.isnan(mean):
-        return "-"
-    s = format(mean, spec)
-    if not math.isnan(std):
-        s += " ± " + format(std, spec.lstrip("+"))
-    return f"{s} ({n})"
+def _paper(rows: list[dict], method: str, label: str) -> tuple[float | None, float | None, str | None]:
+    """(published top-1 of ``method`` at ``label``, published FP32, source) from the rows' paper blocks (the
+    last in repr order where they disagree), or Nones."""
+    papers = set()
+    for paper in (r["paper"] for r in rows if isinstance(r.get("paper"), dict)):
+        top1 = paper.get("top1")
+        top1 = top1.get(method) if isinstance(top1, dict) else None
+        value, source = top1.get(label) if isinstance(top1, dict) else None, paper.get("source")
+        papers.add((_number(value), _number(paper.get("fp32")), None if source is None else str(source)))
+    papers -= {(None, None, None)}
+    return sorted(papers, key=repr)[-1] if papers else (None, None, None)
 
 
-def fmt_time(mean: float, std: float = math.nan, n: int = 0) -> str:
-    """Seconds with a readable unit and three significant digits: ``84.2 ms``, ``38 s``, ``5.7 h``."""
-    if math.isnan(mean):
-        return "-"
-    for scale, unit, below in ((1e3, "ms", 1.0), (1.0, "s", 600.0), (1 / 60, "min", 7200.0), (1 / 3600, "h", math.inf)):
-        if mean < below:
-            return f"{format(mean * scale, '.3g')} {unit}"
-    raise AssertionError
+# --- pivots ------------------------------------------------------------------------------------
 
 
-def _sections(cells: list[Cell]) -> dict[tuple, list[Cell]]:
-    out: dict[tuple, list[Cell]] = defaultdict(list)
-    for c in cells:
-        out[(c.model, c.dataset)].append(c)
-    return dict(sorted(out.items()))
+def sections(cells: pd.DataFrame):
+    """((model, dataset), its cells) in order."""
+    return cells.groupby(["model", "dataset"], sort=False)
 
 
-def _pivot(cells: list[Cell]) -> tuple[list[str], list[str], dict[tuple, Cell], dict[str, float]]:
-    variants = sorted({c.variant for c in cells})
-    labels = [bits_label(w, a) for w, a in sorted({(c.wbits, c.abits) for c in cells},
-                                                  key=lambda wa: bits_order(*wa))]
-    grid = {(c.variant, c.bits): c for c in cells}
-    fp32 = {}
-    for v in variants:
-        means = [(c.stats["top1_fp32"][0], c.n) for c in cells if c.variant == v
-                 and not math.isnan(c.stats["top1_fp32"][0])]
-        fp32[v] = math.fsum(m * n for m, n in means) / sum(n for _, n in means) if means else math.nan
-    return variants, labels, grid, fp32
+def bit_labels(sec: pd.DataFrame) -> list[str]:
+    """The bit settings of ``sec`` in ``bits_order``."""
+    return sec[["bits_order", "bits"]].drop_duplicates("bits_order").sort_values("bits_order").bits.tolist()
 
 
-def md_escape(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+def pivot(sec: pd.DataFrame, values) -> pd.DataFrame:
+    """``values`` (one per cell of ``sec``) as methods (variants, sorted) x bit settings; NaN where a method
+    lacks a setting."""
+    grid = pd.DataFrame({"variant": sec.variant, "bits": sec.bits, "value": list(values)})
+    grid = grid.drop_duplicates(["variant", "bits"], keep="last").pivot(index="variant", columns="bits", values="value")
+    return grid.reindex(index=sec.variant.unique(), columns=bit_labels(sec))
 
 
-def md_table(header: list[str], rows: list[list[str]], align: str) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
-    lines += ["| " + " | ".join(md_escape(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def fp32(sec: pd.DataFrame) -> pd.Series:
+    """The FP32 top-1 of each variant: the mean of its cells' means, weighted by their runs."""
+    known = sec[sec.top1_fp32_mean.notna()]
+    weighted = (known.top1_fp32_mean * known.n).groupby(known.variant).agg(math.fsum)
+    return (weighted / known.n.groupby(known.variant).sum()).reindex(sec.variant.unique())
 
 
-PIVOTS = (
-    ("top1", "Top-1 (%), mean ± std over seeds (runs)", ".2f", True),
-    ("delta_top1", "Top-1 minus FP32 top-1 of the same run (points), mean ± std (runs)", "+.2f", False),
-    ("t_quant_s", "Quantization time, mean over runs (synthetic data not included)", "time", False),
-)
+def texts(sec: pd.DataFrame, metric: str, spec: str = ".2f") -> list[str]:
+    """The cells' ``metric`` as table text: ``fmt_ms``, or ``fmt_time`` for spec ``time``."""
+    stats = zip(sec[f"{metric}_mean"], sec[f"{metric}_std"], sec.n, strict=True)
+    return [fmt_time(m) if spec == "time" else fmt_ms(m, s, n, spec) for m, s, n in stats]
 
 
-def _paper_rows(cells: list[Cell]) -> list[list[str]]:
-    rows = []
-    for c in cells:
-        if c.paper_top1 is None:
-            continue
-        ours = c.stats["top1"]
-        rows.append([c.variant, c.bits, fmt_ms(*ours, c.n), fmt(c.paper_top1), fmt(ours[0] - c.paper_top1, "+.2f"),
-                     fmt(c.stats["top1_fp32"][0]), fmt(c.paper_fp32), str(c.paper_source or "-")])
-    return rows
+def _pivot_text(sec: pd.DataFrame, text: list[str], with_fp32: bool) -> pd.DataFrame:
+    """A pivot as a table of text: method, FP32 (``with_fp32``), a column per bit setting ('' where none)."""
+    table = pivot(sec, text).fillna("")
+    if with_fp32:
+        table.insert(0, "FP32", fp32(sec).map(fmt))
+    return table.rename_axis("method").reset_index()
 
 
 PAPER_HEADER = ["method", "bits", "ours", "paper", "ours - paper", "FP32 ours", "FP32 paper", "source"]
 
 
-def markdown(rows: Rows, cells: list[Cell]) -> str:
-    out = io.StringIO()
-    out.write("# Results\n\n")
-    out.write(f"Made by `python -m dfq_bench.report` from {len(rows.ok)} finished runs "
-              f"({len(rows.failed)} failed, {rows.n_superseded} superseded rows).\n")
-    for (model, dataset), sec in _sections(cells).items():
-        variants, labels, grid, fp32 = _pivot(sec)
-        out.write(f"\n## {model} / {dataset}\n")
-        for metric, title, spec, with_fp32 in PIVOTS:
-            out.write(f"\n{title}:\n\n")
-            header = ["method", *(["FP32"] if with_fp32 else []), *labels]
-            body = []
-            for v in variants:
-                line = [v, *([fmt(fp32[v])] if with_fp32 else [])]
-                for lab in labels:
-                    c = grid.get((v, lab))
-                    cell = "" if c is None else fmt_time(*c.stats[metric]) if spec == "time" else \
-                        fmt_ms(*c.stats[metric], c.n, spec)
-                    line.append(cell)
-                body.append(line)
-            out.write(md_table(header, body, "l" + "r" * (len(header) - 1)))
-        paper = _paper_rows(sec)
-        if paper:
-            out.write("\nOurs vs the published numbers (top-1 %):\n\n")
-            out.write(md_table(PAPER_HEADER, paper, "llrrrrrl"))
-    if rows.failed:
-        out.write(f"\n## Failed runs ({len(rows.failed)})\n\n")
-        body = [[rid_of(r), str(r.get("model")), str(r.get("dataset")), str(r.get("method")),
-                 _bits_text(r), str(r.get("seed")), _error_text(r)] for r in rows.failed]
-        out.write(md_table(list(FAILED_COLUMNS), body, "lllllrl"))
-    return out.getvalue()
+def paper_table(sec: pd.DataFrame) -> pd.DataFrame:
+    """Ours next to the published numbers: the cells of ``sec`` that have one, as text (PAPER_HEADER)."""
+    p = sec[sec.paper_top1.notna()]
+    return pd.DataFrame({"method": p.variant, "bits": p.bits, "ours": texts(p, "top1"), "paper": p.paper_top1.map(fmt),
+                         "ours - paper": (p.top1_mean - p.paper_top1).map(lambda v: fmt(v, "+.2f")),
+                         "FP32 ours": p.top1_fp32_mean.map(fmt), "FP32 paper": p.paper_fp32.map(fmt),
+                         "source": p.paper_source.map(lambda s: str(s or "-"))}, columns=PAPER_HEADER)
+
+
+def failed_table(rows: Rows, text=str, limit: int = 200) -> pd.DataFrame:
+    """The failed runs as text (FAILED_COLUMNS): ``text`` of model, dataset, method and seed; the error's first
+    line, at most ``limit`` characters."""
+    return pd.DataFrame([[rid_of(r), *(text(r.get(k)) for k in ("model", "dataset", "method")), _bits_text(r),
+                          text(r.get("seed")), _error_text(r, limit)] for r in rows.failed], columns=FAILED_COLUMNS)
 
 
 def _bits_text(row: dict) -> str:
@@ -390,85 +335,121 @@ def _error_text(row: dict, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# --- formatting --------------------------------------------------------------------------------
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def fmt_ms(mean: float, std: float, n: int | None, spec: str = ".2f", pm: str = " ± ", missing: str = "-") -> str:
+    """``66.14 ± 0.31 (3)``: mean ± sample std (n runs; ``None``: not shown); no std for one run."""
+    if math.isnan(mean):
+        return missing
+    s = format(mean, spec) + ("" if math.isnan(std) else pm + format(std, spec.lstrip("+")))
+    return s if n is None else f"{s} ({n})"
+
+
+def fmt_time(mean: float, std: float = math.nan, n: int = 0) -> str:
+    """Seconds with a readable unit and three significant digits: ``84.2 ms``, ``38 s``, ``5.7 h``."""
+    if math.isnan(mean):
+        return "-"
+    for scale, unit, below in ((1e3, "ms", 1.0), (1.0, "s", 600.0), (1 / 60, "min", 7200.0), (1 / 3600, "h", math.inf)):
+        if mean < below:
+            return f"{format(mean * scale, '.3g')} {unit}"
+    raise AssertionError
+
+
+def md_table(table: pd.DataFrame, align: str) -> str:
+    """``table`` (text; its columns are the header) in Markdown; ``align``: l or r per column."""
+    rule = "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"
+    body = ["| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in r) + " |"
+            for r in table.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(table.columns) + " |", rule, *body]) + "\n"
+
+
+PIVOTS = (
+    ("top1", "Top-1 (%), mean ± std over seeds (runs)", ".2f", True),
+    ("delta_top1", "Top-1 minus FP32 top-1 of the same run (points), mean ± std (runs)", "+.2f", False),
+    ("t_quant_s", "Quantization time, mean over runs (synthetic data not included)", "time", False),
+)
+
+
+def markdown(rows: Rows, cells: pd.DataFrame) -> str:
+    out = ["# Results\n\n", f"Made by `python -m dfq_bench.report` from {len(rows.ok)} finished runs "
+           f"({len(rows.failed)} failed, {rows.n_superseded} superseded rows).\n"]
+    for (model, dataset), sec in sections(cells):
+        out.append(f"\n## {model} / {dataset}\n")
+        for metric, title, spec, with_fp32 in PIVOTS:
+            table = _pivot_text(sec, texts(sec, metric, spec), with_fp32)
+            out.append(f"\n{title}:\n\n" + md_table(table, "l" + "r" * (table.shape[1] - 1)))
+        paper = paper_table(sec)
+        if len(paper):
+            out.append("\nOurs vs the published numbers (top-1 %):\n\n" + md_table(paper, "llrrrrrl"))
+    if rows.failed:
+        out.append(f"\n## Failed runs ({len(rows.failed)})\n\n" + md_table(failed_table(rows), "lllllrl"))
+    return "".join(out)
+
+
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+TEX_PM = r"$\pm$"
 
 
 def tex_escape(s: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(s))
 
 
-def _tex_cell(mean: float, std: float, spec: str) -> str:
-    if math.isnan(mean):
-        return "--"
-    s = format(mean, spec)
-    return s + (r"$\pm$" + format(std, spec.lstrip("+")) if not math.isnan(std) else "")
-
-
-def latex(cells: list[Cell]) -> str:
-    out = io.StringIO()
-    out.write("% Made by python -m dfq_bench.report; needs \\usepackage{booktabs}.\n")
-    for (model, dataset), sec in _sections(cells).items():
-        variants, labels, grid, fp32 = _pivot(sec)
+def latex(cells: pd.DataFrame) -> str:
+    out = ["% Made by python -m dfq_bench.report; needs \\usepackage{booktabs}.\n"]
+    for (model, dataset), sec in sections(cells):
         for metric, title, spec, with_fp32 in PIVOTS[:2]:
-            cols = "l" + "r" * (len(labels) + with_fp32)
-            out.write(f"\n% {model} / {dataset}: {metric}\n\\begin{{table}}[t]\n\\centering\n")
+            stats = zip(sec[f"{metric}_mean"], sec[f"{metric}_std"], strict=True)
+            table = _pivot_text(sec, [fmt_ms(m, s, None, spec, TEX_PM, "--") for m, s in stats], with_fp32)
             caption = tex_escape(f"{title.split(',')[0]} of {model} on {dataset}; mean ± std over seeds.")
-            out.write(f"\\caption{{{caption}}}\n")
-            out.write(f"\\begin{{tabular}}{{{cols}}}\n\\toprule\n")
-            header = ["Method", *(["FP32"] if with_fp32 else []), *labels]
-            out.write(" & ".join(tex_escape(h) for h in header) + " \\\\\n\\midrule\n")
-            for v in variants:
-                line = [tex_escape(v), *([fmt(fp32[v])] if with_fp32 else [])]
-                for lab in labels:
-                    c = grid.get((v, lab))
-                    line.append(_tex_cell(*c.stats[metric], spec) if c else "")
-                out.write(" & ".join(line) + " \\\\\n")
-            out.write("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
-        paper = [c for c in sec if c.paper_top1 is not None]
-        if paper:
-            out.write(f"\n% {model} / {dataset}: ours vs paper\n\\begin{{table}}[t]\n\\centering\n")
-            out.write(f"\\caption{{Top-1 (\\%) of {tex_escape(model)} on {tex_escape(dataset)}: ours vs "
-                      "published.}\n\\begin{tabular}{llrrr}\n\\toprule\n"
-                      "Method & Bits & Ours & Paper & Diff. \\\\\n\\midrule\n")
-            for c in paper:
-                m, s = c.stats["top1"]
-                out.write(f"{tex_escape(c.variant)} & {c.bits} & {_tex_cell(m, s, '.2f')} & {fmt(c.paper_top1)} & "
-                          f"{fmt(m - c.paper_top1, '+.2f')} \\\\\n")
-            out.write("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
-    return out.getvalue()
+            lines = [["Method", *map(tex_escape, table.columns[1:])],
+                     *([tex_escape(v), *rest] for v, *rest in table.itertuples(index=False))]
+            out.append(_tex_table(f"{model} / {dataset}: {metric}", caption, "l" + "r" * (table.shape[1] - 1), lines))
+        paper = sec[sec.paper_top1.notna()]
+        if len(paper):
+            caption = f"Top-1 (\\%) of {tex_escape(model)} on {tex_escape(dataset)}: ours vs published."
+            lines = [["Method", "Bits", "Ours", "Paper", "Diff."],
+                     *([tex_escape(c.variant), c.bits, fmt_ms(c.top1_mean, c.top1_std, None, ".2f", TEX_PM, "--"),
+                        fmt(c.paper_top1), fmt(c.top1_mean - c.paper_top1, "+.2f")] for c in paper.itertuples())]
+            out.append(_tex_table(f"{model} / {dataset}: ours vs paper", caption, "llrrr", lines))
+    return "".join(out)
 
 
-def _csv_num(v, spec: str = ".6g") -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def _tex_table(comment: str, caption: str, cols: str, lines: list[list[str]]) -> str:
+    """A booktabs table; ``lines[0]`` is the header."""
+    head, *body = (" & ".join(line) + " \\\\\n" for line in lines)
+    return (f"\n% {comment}\n\\begin{{table}}[t]\n\\centering\n\\caption{{{caption}}}\n\\begin{{tabular}}{{{cols}}}\n"
+            f"\\toprule\n{head}\\midrule\n" + "".join(body) + "\\bottomrule\n\\end{tabular}\n\\end{table}\n")
 
 
-def summary_csv(cells: list[Cell]) -> str:
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(SUMMARY_COLUMNS)
-    for c in cells:
-        s = c.stats
-        diff = s["top1"][0] - c.paper_top1 if c.paper_top1 is not None else None
-        w.writerow([c.model, c.dataset, c.method, c.variant, c.bits, c.wbits, "" if c.abits is None else c.abits,
-                    c.n, c.n_seeds, _csv_num(s["top1"][0], ".4f"), _csv_num(s["top1"][1], ".4f"),
-                    _csv_num(s["top5"][0], ".4f"), _csv_num(s["top5"][1], ".4f"),
-                    _csv_num(s["top1_fp32"][0], ".4f"), _csv_num(s["delta_top1"][0], ".4f"),
-                    _csv_num(s["delta_top1"][1], ".4f"), _csv_num(s["agree_fp32"][0], ".4f"),
-                    _csv_num(s["kl_fp32"][0]), _csv_num(s["t_quant_s"][0]), _csv_num(s["t_synth_s"][0]),
-                    _csv_num(s["t_total_s"][0]), _csv_num(c.paper_top1, ".2f"), _csv_num(c.paper_fp32, ".2f"),
-                    _csv_num(diff, ".4f")])
-    return out.getvalue()
+# summary.csv: a line per cell; the number columns and their format (empty where there is none)
+SUMMARY_NUMBERS = {
+    "top1_mean": ".4f", "top1_std": ".4f", "top5_mean": ".4f", "top5_std": ".4f", "top1_fp32_mean": ".4f",
+    "delta_top1_mean": ".4f", "delta_top1_std": ".4f", "agree_fp32_mean": ".4f", "kl_fp32_mean": ".6g",
+    "t_quant_s_mean": ".6g", "t_synth_s_mean": ".6g", "t_total_s_mean": ".6g", "paper_top1": ".2f",
+    "paper_fp32": ".2f", "ours_minus_paper": ".4f",
+}
+SUMMARY_COLUMNS = ("model", "dataset", "method", "variant", "bits", "wbits", "abits", "n", "n_seeds", *SUMMARY_NUMBERS)
+
+
+def summary_csv(cells: pd.DataFrame) -> str:
+    table = cells.assign(ours_minus_paper=cells.top1_mean - cells.paper_top1, abits=cells.abits.map(_csv_text))
+    for col, spec in SUMMARY_NUMBERS.items():
+        table[col] = table[col].map(lambda v, spec=spec: "" if math.isnan(v) else format(v, spec))
+    return table.to_csv(columns=SUMMARY_COLUMNS, index=False, lineterminator="\n")
+
+
+def _csv_text(v) -> str:  # as csv.writer writes a value
+    return "" if v is None else str(v)
 
 
 def failed_csv(rows: Rows) -> str:
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(FAILED_COLUMNS)
-    for r in rows.failed:
-        w.writerow([rid_of(r), r.get("model"), r.get("dataset"), r.get("method"), _bits_text(r), r.get("seed"),
-                    _error_text(r, 1000)])
-    return out.getvalue()
+    return failed_table(rows, _csv_text, 1000).to_csv(index=False, lineterminator="\n")
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -483,35 +464,14 @@ def slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
-def plots(cells: list[Cell], out_dir: Path) -> list[Path]:
-    """Writes each figure of ``figures`` as PNG and PDF into ``out_dir``."""
-    written = []
-    for stem, fig in figures(cells):
-        written += _save(fig, out_dir / stem)
-    return written
-
-
-SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")  # stored bits per weight (the first a row has)
-
-
-def cell_size(cell: Cell) -> float:
-    """Mean stored bits per weight of the cell's runs (nan where no run records them)."""
-    return _mean_std(next((r[f] for f in SIZE_FIELDS if _number(r.get(f)) is not None), None)
-                     for r in cell.rows)[0]
-
-
-def mixed_precision(cells: list[Cell]) -> bool:
+def mixed_precision(cells: pd.DataFrame) -> bool:
     """Whether some runs' size is not given by their bit setting: two cells of one bit setting (W4A4)
-    differ in stored bits per weight (a per-layer planner, REx's extra orders)."""
-    sizes: dict[str, set] = defaultdict(set)
-    for c in cells:
-        size = cell_size(c)
-        if not math.isnan(size):
-            sizes[c.bits].add(round(size, 6))
-    return any(len(v) > 1 for v in sizes.values())
+    differ in stored bits per weight (``size_mean``: a per-layer planner, REx's extra orders)."""
+    sized = cells[cells.size_mean.notna()]
+    return bool(sized.size_mean.round(6).groupby(sized.bits).nunique().gt(1).any())
 
 
-def figures(cells: list[Cell]):
+def figures(cells: pd.DataFrame):
     """Yields (file stem, matplotlib figure) per plot and (model, dataset): accuracy vs bit-width,
     accuracy vs quantization time and, where mixed-precision runs exist (``mixed_precision``), accuracy
     vs size (every cell whose runs record it). The figure is closed when the caller asks for the next."""
@@ -526,80 +486,69 @@ def figures(cells: list[Cell]):
     rc = {**RC, "axes.prop_cycle": cycler(color=colors)}
     markers = "osD^vP*Xh<>p"
     with plt.rc_context(rc):
-        for (model, dataset), sec in _sections(cells).items():
-            variants, labels, grid, fp32 = _pivot(sec)
-            name = f"{slug(model)}__{slug(dataset)}"
+        for (model, dataset), sec in sections(cells):
+            labels, name = bit_labels(sec), f"{slug(model)}__{slug(dataset)}"
+            variants = list(sec.groupby("variant", sort=False))  # cells by bit setting
+            style = [{"marker": markers[i % len(markers)], "color": colors[i % len(colors)]}
+                     for i in range(len(variants))]
             # accuracy vs bit-width, one line per method (variant), error bars = std over seeds
             fig, ax = plt.subplots(figsize=(9, 4))
             x = {lab: i for i, lab in enumerate(labels)}
-            for i, v in enumerate(variants):
+            for (v, pts), st in zip(variants, style, strict=True):
                 label = v
                 for weight_only in (True, False):  # no line across the two families
-                    pts = [(x[lab], grid[(v, lab)]) for lab in labels
-                           if (v, lab) in grid and lab.endswith("A32") == weight_only]
-                    if not pts:
-                        continue
-                    ys = [p[1].stats["top1"][0] for p in pts]
-                    es = [0.0 if math.isnan(p[1].stats["top1"][1]) else p[1].stats["top1"][1] for p in pts]
-                    ax.errorbar([p[0] for p in pts], ys, yerr=es, marker=markers[i % len(markers)], capsize=3,
-                                label=label, color=colors[i % len(colors)])
-                    label = None  # one legend entry per method
-            fp = [f for f in fp32.values() if not math.isnan(f)]
-            if fp:
+                    part = pts[pts.bits.str.endswith("A32") == weight_only]
+                    if len(part):
+                        ax.errorbar(part.bits.map(x).tolist(), part.top1_mean.tolist(),
+                                    yerr=part.top1_std.fillna(0.0).tolist(), capsize=3, label=label, **st)
+                        label = None  # one legend entry per method
+            fp = fp32(sec).dropna()
+            if len(fp):
                 ax.axhline(math.fsum(fp) / len(fp), color="0.4", ls="--", lw=1, label="FP32")
             n_wonly = sum(lab.endswith("A32") for lab in labels)
             if 0 < n_wonly < len(labels):  # weight-only | weight+activation
                 ax.axvline(n_wonly - 0.5, color="0.75", lw=1)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlabel("bit-width (W = weights, A = activations; A32 = float)")
-            ax.set_ylabel("top-1 (%)")
-            ax.set_title(f"{model} / {dataset}: accuracy vs bit-width")
-            ax.grid(alpha=0.3)
-            ax.legend(**LEGEND)
-            yield f"acc_vs_bits__{name}", fig
+            yield _finish(ax, f"{model} / {dataset}: accuracy vs bit-width", f"acc_vs_bits__{name}")
             plt.close(fig)
             # accuracy vs quantization time, log x; one marker per method, one point per bit-width
             fig, ax = plt.subplots(figsize=(9, 4))
-            for i, v in enumerate(variants):
-                pts = [grid[(v, lab)] for lab in labels if (v, lab) in grid]
-                ts = [max(p.stats["t_quant_s"][0], 1e-4) if not math.isnan(p.stats["t_quant_s"][0]) else math.nan
-                      for p in pts]
-                ys = [p.stats["top1"][0] for p in pts]
-                ax.scatter(ts, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)], label=v, s=22)
-                for t, y, p in zip(ts, ys, pts, strict=True):
-                    ax.annotate(p.bits, (t, y), xytext=(3, 2), textcoords="offset points", fontsize=6,
-                                color=colors[i % len(colors)])
+            for (v, pts), st in zip(variants, style, strict=True):
+                _points(ax, pts.t_quant_s_mean.clip(lower=1e-4).tolist(), pts, v, st)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(LogFormatter())
             ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
             ax.set_xlabel("quantization time (s, log scale; synthetic data not included)")
-            ax.set_ylabel("top-1 (%)")
-            ax.set_title(f"{model} / {dataset}: accuracy vs quantization time")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(**LEGEND)
-            yield f"acc_vs_time__{name}", fig
+            yield _finish(ax, f"{model} / {dataset}: accuracy vs quantization time", f"acc_vs_time__{name}", "both")
             plt.close(fig)
-            sized = [(v, [c for c in (grid.get((v, lab)) for lab in labels) if c and not math.isnan(cell_size(c))])
-                     for v in variants]
             if not mixed_precision(sec):
                 continue
             # accuracy vs size (stored bits per weight), one marker per method
             fig, ax = plt.subplots(figsize=(9, 4))
-            for i, (v, pts) in enumerate(sized):
-                if not pts:
-                    continue
-                xs, ys = [cell_size(p) for p in pts], [p.stats["top1"][0] for p in pts]
-                ax.scatter(xs, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)], label=v, s=22)
-                for xv, y, p in zip(xs, ys, pts, strict=True):
-                    ax.annotate(p.bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6,
-                                color=colors[i % len(colors)])
+            for (v, pts), st in zip(variants, style, strict=True):
+                pts = pts[pts.size_mean.notna()]
+                if len(pts):
+                    _points(ax, pts.size_mean.tolist(), pts, v, st)
             ax.set_xlabel("size: stored bits per weight (first/last layers and extra orders included)")
-            ax.set_ylabel("top-1 (%)")
-            ax.set_title(f"{model} / {dataset}: accuracy vs size")
-            ax.grid(alpha=0.3)
-            ax.legend(**LEGEND)
-            yield f"acc_vs_size__{name}", fig
+            yield _finish(ax, f"{model} / {dataset}: accuracy vs size", f"acc_vs_size__{name}")
             plt.close(fig)
+
+
+def _points(ax, xs: list[float], cells: pd.DataFrame, label: str, style: dict) -> None:
+    """A scatter of the cells' top-1 at ``xs``, each point annotated with its bit setting."""
+    ys = cells.top1_mean.tolist()
+    ax.scatter(xs, ys, label=label, s=22, **style)
+    for xv, y, bits in zip(xs, ys, cells.bits, strict=True):
+        ax.annotate(bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6, color=style["color"])
+
+
+def _finish(ax, title: str, stem: str, grid: str = "major"):
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=grid)
+    ax.legend(**LEGEND)
+    return stem, ax.figure
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -635,8 +584,8 @@ def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True
                            ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
             (out_dir / name).write_text(text, encoding="utf-8")
             written.append(out_dir / name)
-        if make_plots and cells:
-            written += plots(cells, out_dir)
+        if make_plots and len(cells):
+            written += [path for stem, fig in figures(cells) for path in _save(fig, out_dir / stem)]
     if html:
         from dfq_bench.results.html import write_page
 
