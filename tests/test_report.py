@@ -3,6 +3,7 @@ byte-for-byte determinism, the committed reference tables, and wandb (offline)."
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -226,3 +227,10 @@ def test_many_settings_of_interleaved_methods_are_told_apart_and_equal_ones_pool
     assert (s[("squant", "W4A4")]["n"], s[("squant", "W4A4")]["n_seeds"]) == ("24", "24")
     assert (s[("dfq", "W4A4")]["n"], s[("dfq", "W4A4")]["top1_mean"]) == ("2", "31.0000")
 
+
+def test_bench_report_prints_the_tables_time_against_the_3_s_target():
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_report.py"), "--rows", "300", "--repeats", "1",
+                          "--tables-only"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    target = r"^tables only: \d+\.\d\d s median wall = \d+\.\d\d x the 3 s target"
+    assert re.search(target, res.stdout, re.M), res.stdout
