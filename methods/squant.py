@@ -75,7 +75,7 @@ MODES = {  # mode -> (kernel stage, channel stage)
     "squant-c": (False, True),
 }
 DEFAULT_K = {"4": 12.0, "6": 14.0, "8": 25.0}
-CHUNK_ELEMS = 1 << 18  # weights per block of the elementwise passes: bounds temporaries, stays in cache
+CHUNK_ELEMS = 1 << 18  # weights per block and thread of the elementwise passes: bounds temporaries, stays in cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +126,12 @@ def flip_levels(
     return levels.reshape(shape).to(x.dtype)
 
 
+def _block_elems() -> int:
+    """Weights per block: CHUNK_ELEMS per torch thread, so that each thread's share of an
+    elementwise pass stays cache-sized (and a block runs fewer, larger parallel ops)."""
+    return CHUNK_ELEMS * torch.get_num_threads()
+
+
 def _in_span(x: Tensor, qmin: int, qmax: int) -> bool:
     """All of x in (qmin - 0.5, qmax + 0.5), as Grid.scaled gives: every rounding is a level, and so
     is every allowed move, so a count of moves is a count of changed levels and nothing needs a clamp."""
@@ -140,14 +146,15 @@ def _direction(total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return total < 0, count, count >= a
 
 
-def _move_priority(x: Tensor, e: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+def _move_priority(x: Tensor, e: Tensor, step: Tensor, qmin: int, qmax: int, inplace: bool = False) -> Tensor:
     """|e| where an element may move by ``step`` (+1 up: e < 0 and x < qmax; -1 down: e > 0 and
-    x > qmin), <= 0 where it may not; ``step`` broadcasts against x.
+    x > qmin), <= 0 where it may not; ``step`` broadcasts against x. ``inplace``: in e's memory.
 
     min(-step * e, room to the grid edge): a movable element has |e| <= 0.5 <= its room, so the
     minimum is |e| itself; the others get -|e|, 0 or a negative room."""
     edge = step * ((qmax + qmin) / 2) + (qmax - qmin) / 2  # qmax (up) or -qmin (down)
-    return torch.minimum(e * -step, torch.addcmul(edge, x, -step))
+    q = e.mul_(-step) if inplace else e * -step
+    return torch.minimum(q, torch.addcmul(edge, x, -step), out=q)
 
 
 def _priority(x: Tensor, e: Tensor, up: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
@@ -172,41 +179,45 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
     o, n_in, k = x.shape
     r = o * n_in
     x2, out2 = x.reshape(r, k), out.view(r, k)
-    s = np.empty(r)
     fast = x.dtype == torch.float32 and k <= 16  # the keys' low bits hold the row (float64: general code)
-    kern = _KernelInfo(r)
-    cols = max(1, CHUNK_ELEMS // k)
+    kern = _KernelInfo(r, fast)
+    cols = max(1, _block_elems() // k)
     for lo in range(0, r, cols):
         xb, ob = x2[lo : lo + cols], out2[lo : lo + cols]
         torch.round(xb, out=ob)
         xt = _kernel_major(xb)
-        e = torch.round(xt) - xt  # exact in float32 (|e| <= 0.5 next to an integer)
-        s[lo : lo + cols] = e.sum(0, dtype=torch.float64).numpy()
-        if fast:
-            _fast_kernels(xt, e, s[lo : lo + cols], qmin, qmax, kern, lo, ob)
-    up, count, over = _direction(s)
+        e = torch.round(xt).sub_(xt)  # exact in float32 (|e| <= 0.5 next to an integer)
+        s = kern.s[lo : lo + cols]
+        s[:] = e.sum(0, dtype=torch.float64).numpy()
+        if fast:  # (reuses e's memory)
+            _fast_kernels(xt, e, s, qmin, qmax, kern, lo, ob)
+        else:
+            up, _, over = _direction(s)
+            kern.cand_up[lo : lo + cols] = up ^ over
     exact_count = kern.span_ok(qmin, qmax) if fast else _in_span(x2, qmin, qmax)
     changed = kern.changed
 
     irr = np.flatnonzero(~kern.regular)
     if len(irr):
         xg = x2[torch.from_numpy(irr)].t().contiguous()
+        s_irr = kern.s[irr]
+        up, count, over = _direction(s_irr)
         g_num, s_after, cand_pr, cand_k, g_target = _kernels_general(
-            xg, torch.from_numpy(s[irr]), torch.from_numpy(up[irr]), torch.from_numpy(count[irr]).long(),
-            torch.from_numpy(over[irr]), qmin, qmax)
+            xg, torch.from_numpy(s_irr), torch.from_numpy(up), torch.from_numpy(count).long(),
+            torch.from_numpy(over), qmin, qmax)
         kern.s_after[irr], kern.cand_pr[irr] = s_after.numpy(), cand_pr.numpy()
         kern.cand_row[irr] = cand_k.numpy()
 
     short = None
     if do_c:
         up_c, count_c, _ = _direction(torch.from_numpy(kern.s_after).view(o, n_in).sum(1).numpy())
-        cand_up = up ^ over  # an over-flipped kernel offers an un-flip (the other direction)
-        prio_c = kern.cand_pr.reshape(o, n_in) * (cand_up.reshape(o, n_in) == up_c[:, None])
+        prio_c = kern.cand_pr.reshape(o, n_in) * (kern.cand_up.reshape(o, n_in) == up_c[:, None])
         chosen, short = _choose(prio_c, count_c)
         chosen = chosen.reshape(-1)
         at = np.flatnonzero(chosen & kern.regular)  # there C moves the candidate: flip or un-flip
-        flip = ~over[at]
-        out2.view(-1).numpy()[at * k + kern.cand_row[at]] += np.where(flip ^ up[at], -1.0, 1.0)
+        up, _, over = _direction(kern.s[at])
+        flip = ~over
+        out2.view(-1).numpy()[at * k + kern.cand_row[at]] += np.where(flip ^ up, -1.0, 1.0)
         changed += int(2 * flip.sum()) - len(at)  # a flip adds a changed level, an un-flip removes one
     if len(irr):  # the others: their K levels, and stage C's level for a chosen candidate
         if do_c:
@@ -239,15 +250,17 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
 
 
 class _KernelInfo:
-    """Per-kernel results of stage K over a layer (numpy arrays of length R), as stage C needs them:
-    regular (fast path), error sum after K, the candidate's priority and row; the number of
-    changed levels so far, and the range of the values seen."""
+    """Per-kernel results over a layer (numpy arrays of length R): the error sum s; regular (the
+    fast path's); after stage K: the error sum, the candidate's priority, direction (up) and row.
+    Also the number of changed levels so far and the range of the values seen (fast path)."""
 
-    def __init__(self, r: int):
-        self.regular = np.zeros(r, dtype=bool)
-        self.s_after = np.zeros(r)
-        self.cand_pr = np.zeros(r)
-        self.cand_row = np.zeros(r, dtype=np.int32)
+    def __init__(self, r: int, fast: bool):
+        self.s = np.empty(r)
+        self.regular = np.empty(r, dtype=bool) if fast else np.zeros(r, dtype=bool)
+        self.s_after = np.empty(r)
+        self.cand_pr = np.empty(r)
+        self.cand_up = np.empty(r, dtype=bool)
+        self.cand_row = np.empty(r, dtype=np.int32)
         self.changed = 0
         self.lo, self.hi = math.inf, -math.inf
 
@@ -275,27 +288,32 @@ def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, ke
     first's element masked out in between, give the first two elements."""
     k, m = xt.shape
     shift = (k - 1).bit_length()
+    low = (1 << shift) - 1
     up, count, over = _direction(s)
     step = up * np.float32(2) - 1  # +1 up, -1 down
-    rank = count - over  # the candidate's rank: the last flipped element if over-flipped, else the next
+    # The candidate's rank: the last flipped element if over-flipped, else the next one (-1: s == 0).
+    rank = count.astype(np.int8) - over
     second = rank == 1
-    keys = (e * torch.from_numpy(-step)).view(torch.int32).clamp_(KEY_BASE, KEY_TOP).sub_(KEY_BASE)
+    keys = e.mul_(torch.from_numpy(-step)).view(torch.int32).clamp_(KEY_BASE, KEY_TOP).sub_(KEY_BASE)
     keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(k - 1, -1, -1, dtype=torch.int32)[:, None])
     first = keys.amax(0).numpy()
-    row0 = (k - 1) - (first & ((1 << shift) - 1))
+    row0 = (k - 1) - (first & low)
     need = np.flatnonzero(second)  # the second element matters there only
     keys.numpy().reshape(-1)[row0[need] * np.int64(m) + need] = -1
     nxt = keys.amax(0).numpy()  # the second element where needed
-    row1 = (k - 1) - (nxt & ((1 << shift) - 1))
+    row1 = (k - 1) - (nxt & low)
     cand_key = first + (nxt - first) * second
     col_lo, col_hi = xt.amin(0).numpy(), xt.amax(0).numpy()
     kern.lo, kern.hi = min(kern.lo, float(col_lo.min())), max(kern.hi, float(col_hi.max()))
-    regular = (col_lo >= qmin) & (col_hi <= qmax) & (s != 0) & (rank <= 1) & (cand_key >= (1 << shift))
-    p = ((cand_key >> shift) + KEY_BASE).view(np.float32).astype(np.float64)
     sl = slice(lo, lo + m)
-    kern.regular[sl] = regular
-    kern.s_after[sl] = s + step * count  # every flip moves
-    kern.cand_pr[sl] = np.abs(over - p)  # |e| (flip) or |e + step| = 1 - |e| in float64 (un-flip)
+    regular = kern.regular[sl]
+    np.greater_equal(col_lo, qmin, out=regular)
+    regular &= (col_hi <= qmax) & (rank >= 0) & (rank <= 1) & (cand_key > low)  # those ranks: priority > 0
+    np.subtract(s, np.copysign(count, s), out=kern.s_after[sl])  # every flip moves
+    # the candidate's priority: |e| (flip) or |e + step| = 1 - |e| in float64 (un-flip)
+    pr = kern.cand_pr[sl]
+    np.abs(np.subtract(over, ((cand_key >> shift) + KEY_BASE).view(np.float32), out=pr, dtype=np.float64), out=pr)
+    np.logical_xor(up, over, out=kern.cand_up[sl])  # an over-flipped kernel offers an un-flip
     kern.cand_row[sl] = row0 + (row1 - row0) * second
     # K moves, as sparse adds: the first element where count >= 1, the second where count == 2
     one, two = np.flatnonzero(regular & (count >= 1)), np.flatnonzero(regular & (count >= 2))
@@ -349,42 +367,13 @@ def _kernels_general(xt, s, up, count, over, qmin: int, qmax: int):
     return num, s_after, err_c.abs(), cand_k[0], rn_c + step_c * (pr_c > 0)
 
 
-def _network(n: int) -> list[tuple[int, int]]:
-    """Batcher's odd-even merge sorting network for n inputs (comparators (i, j), i < j)."""
-    pairs, p = [], 1
-    while p < n:
-        k = p
-        while k >= 1:
-            for j in range(k % p, n - k, 2 * k):
-                for i in range(min(k, n - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return pairs
-
-
 def _order_kernels(prio: Tensor, count: Tensor, cand_rank: Tensor) -> tuple[Tensor, Tensor]:
     """For each column of ``prio`` (k, R), in (priority desc, row asc) order: the mask of the first
-    ``count`` elements, and the row of the element at ``cand_rank`` (shape (1, R)).
-
-    float32: each priority's bits with its reversed row index appended form a unique int64 key, so
-    a sorting network of elementwise max/min sorts every kernel at once, ties broken by index."""
+    ``count`` elements, and the row of the element at ``cand_rank`` (shape (1, R))."""
     k = prio.shape[0]
-    if prio.dtype != torch.float32:  # generic path (float64 tests): pairwise ranks
-        rank = _ranks(prio)
-        at = (rank == cand_rank).to(torch.uint8) * torch.arange(k, dtype=torch.uint8)[:, None]
-        return rank < count, at.sum(0, dtype=torch.int64)[None]
-    shift = max(1, (k - 1).bit_length())
-    keys = (prio.view(torch.int32).long() << shift) | (k - 1 - torch.arange(k))[:, None]
-    rows = list(keys.unbind(0))
-    for i, j in _network(k):  # descending
-        rows[i], rows[j] = torch.maximum(rows[i], rows[j]), torch.minimum(rows[i], rows[j])
-    ordered = torch.stack(rows)
-    last_in = ordered.gather(0, (count - 1).clamp(min=0)[None])
-    last_in.masked_fill_((count == 0)[None], torch.iinfo(torch.int64).max)
-    cand = (k - 1) - (ordered.gather(0, cand_rank[None]) & ((1 << shift) - 1))
-    return keys >= last_in, cand
+    rank = _ranks(prio)
+    at = (rank == cand_rank).to(torch.uint8) * torch.arange(k, dtype=torch.uint8)[:, None]
+    return rank < count, at.sum(0, dtype=torch.int64)[None]
 
 
 def _ranks(prio: Tensor) -> Tensor:
@@ -406,7 +395,7 @@ def _ranks(prio: Tensor) -> Tensor:
 def _channel_stage(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> int:
     """Round (and stage C over all elements of each channel) on x (o, n), in blocks of channels;
     writes the levels into ``out`` and returns the number of levels that differ from rounding."""
-    rows = max(1, CHUNK_ELEMS // max(x.shape[1], 1))
+    rows = max(1, _block_elems() // max(x.shape[1], 1))
     changed = 0
     for lo in range(0, len(x), rows):
         xb, num = x[lo : lo + rows], out[lo : lo + rows]
@@ -429,12 +418,15 @@ def _channel_only(x: Tensor, num: Tensor, qmin: int, qmax: int) -> int:
     s = e.sum(1, dtype=torch.float64).numpy()
     up, count, _ = _direction(s)
     step = -np.sign(s).astype(np.float32)  # +1 up, -1 down; 0 where s == 0 (count 0: no move)
-    q = _move_priority(x, e, torch.from_numpy(step)[:, None], qmin, qmax).numpy()
+    q = _move_priority(x, e, torch.from_numpy(step)[:, None], qmin, qmax, inplace=True).numpy()
     thr, ok = _thresholds(q, count)
     at = np.flatnonzero(q >= thr[:, None])  # thr = inf: none
-    num.view(-1).numpy()[at] += step[at // n]
-    exact_count = _in_span(x, qmin, qmax)
-    changed = int((count * ok).sum())
+    flat = num.view(-1).numpy()
+    rn = flat[at]
+    flat[at] = rn + step[at // n]
+    # A move is a changed level unless it starts from an out-of-grid rounding (then it ends on the
+    # level the clamp gives that rounding).
+    changed = len(at) - int(((rn < qmin) | (rn > qmax)).sum())
     bad = np.flatnonzero(~ok)
     if len(bad):  # the general code: the full order of each such channel
         rows = torch.from_numpy(bad)
@@ -445,9 +437,7 @@ def _channel_only(x: Tensor, num: Tensor, qmin: int, qmax: int) -> int:
         levels = torch.addcmul(rns, moved.to(x.dtype), step_s).clamp_(qmin, qmax)
         num[rows] = levels
         changed += int((levels != rns.clamp_(qmin, qmax)).sum())
-    if not exact_count:  # a move from an out-of-grid rounding may not change the clamped level
-        num.clamp_(qmin, qmax)
-        changed = int((num != torch.round(x).clamp_(qmin, qmax)).sum())
+    num.clamp_(qmin, qmax)
     return changed
 
 
