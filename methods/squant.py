@@ -146,13 +146,16 @@ def _direction(total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return total < 0, count, count >= a
 
 
-def _move_priority(x: Tensor, e: Tensor, step: Tensor, qmin: int, qmax: int, inplace: bool = False) -> Tensor:
+def _move_priority(x, e, step, qmin: int, qmax: int, inplace: bool = False):
     """|e| where an element may move by ``step`` (+1 up: e < 0 and x < qmax; -1 down: e > 0 and
-    x > qmin), <= 0 where it may not; ``step`` broadcasts against x. ``inplace``: in e's memory.
+    x > qmin), <= 0 where it may not; ``step`` broadcasts against x. Tensors (``inplace``: in e's
+    memory) or numpy arrays.
 
     min(-step * e, room to the grid edge): a movable element has |e| <= 0.5 <= its room, so the
     minimum is |e| itself; the others get -|e|, 0 or a negative room."""
     edge = step * ((qmax + qmin) / 2) + (qmax - qmin) / 2  # qmax (up) or -qmin (down)
+    if isinstance(x, np.ndarray):
+        return np.minimum(e * -step, edge - step * x)
     q = e.mul_(-step) if inplace else e * -step
     return torch.minimum(q, torch.addcmul(edge, x, -step), out=q)
 
@@ -199,14 +202,11 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
 
     irr = np.flatnonzero(~kern.regular)
     if len(irr):
-        xg = x2[torch.from_numpy(irr)].t().contiguous()
+        xg = np.ascontiguousarray(x2.numpy()[irr].T)
         s_irr = kern.s[irr]
-        up, count, over = _direction(s_irr)
-        g_num, s_after, cand_pr, cand_k, g_target = _kernels_general(
-            xg, torch.from_numpy(s_irr), torch.from_numpy(up), torch.from_numpy(count).long(),
-            torch.from_numpy(over), qmin, qmax)
-        kern.s_after[irr], kern.cand_pr[irr] = s_after.numpy(), cand_pr.numpy()
-        kern.cand_row[irr] = cand_k.numpy()
+        g_num, kern.s_after[irr], kern.cand_pr[irr], cand_k, g_target = _kernels_general(
+            xg, s_irr, *_direction(s_irr), qmin, qmax)
+        kern.cand_row[irr] = cand_k
 
     short = None
     if do_c:
@@ -221,12 +221,11 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
         changed += int(2 * flip.sum()) - len(at)  # a flip adds a changed level, an un-flip removes one
     if len(irr):  # the others: their K levels, and stage C's level for a chosen candidate
         if do_c:
-            ck = cand_k[None]
-            pick = torch.from_numpy(chosen[irr])
-            g_num.scatter_(0, ck, torch.where(pick, g_target, g_num.gather(0, ck)[0])[None])
-        g_num.clamp_(qmin, qmax)
-        changed += int((g_num != torch.round(xg).clamp_(qmin, qmax)).sum())
-        out2[torch.from_numpy(irr)] = g_num.t()
+            pick = np.flatnonzero(chosen[irr])
+            g_num[cand_k[pick], pick] = g_target[pick]
+        np.clip(g_num, qmin, qmax, out=g_num)
+        changed += int((g_num != np.clip(np.rint(xg), qmin, qmax)).sum())
+        out2.numpy()[irr] = g_num.T
     if not exact_count:
         out2.clamp_(qmin, qmax)
     if short is not None and short.any():
@@ -335,55 +334,53 @@ def _reversed_rows(k: int) -> Tensor:
     return torch.arange(k - 1, -1, -1, dtype=torch.float64)[:, None]
 
 
-def _kernels_general(xt, s, up, count, over, qmin: int, qmax: int):
-    """Stage K by the full priority order on kernels (k, m) that the fast path does not cover.
+def _kernels_general(xt: np.ndarray, s: np.ndarray, up: np.ndarray, count: np.ndarray, over: np.ndarray,
+                     qmin: int, qmax: int):
+    """Stage K by the full priority order on kernels (k, m) that the fast path does not cover
+    (numpy: these are few, and numpy's small-array ops cost a fraction of torch's).
 
     Returns the K levels (k, m), the error sums after K, the candidates' stage-C priorities and
     rows, and the level a candidate takes if stage C flips it."""
-    k = xt.shape[0]
-    rn = torch.round(xt)
+    k, m = xt.shape
+    cols = np.arange(m)
+    rn = np.rint(xt)  # half to even, as torch.round
     e = rn - xt
-    prio, step = _priority(xt, e, up, qmin, qmax)
+    step = up * xt.dtype.type(2) - 1
+    prio = np.maximum(_move_priority(xt, e, step, qmin, qmax), 0)
+    count = count.astype(np.int64)
     # The candidate for stage C: the last flipped element if over-flipped (rank k-1 when count == 0:
     # edge case 1), else the next one.
-    cand_rank = torch.where(over, torch.where(count > 0, count - 1, k - 1), count)
-    flip, cand_k = _order_kernels(prio, count, cand_rank)
+    cand_rank = np.where(over, np.where(count > 0, count - 1, k - 1), count)
+    rank = _ranks(prio)
+    flip = rank < count
+    cand_k = ((rank == cand_rank) * np.arange(k)[:, None]).sum(0)
     moved = flip & (prio > 0)
-    num = torch.addcmul(rn, moved.to(xt.dtype), step)
+    num = rn + moved * step
     # Each kernel's error sum after K, in float64: every move adds +-1; a handed-out element that
     # cannot move records error 0 instead of e (edge case 2).
-    s_after = s + step.double() * moved.sum(0, dtype=torch.int32)
+    s_after = s + step.astype(np.float64) * moved.sum(0)
     handed = flip & ~moved
-    if bool(handed.any()):
-        s_after -= (e * handed).sum(0, dtype=torch.float64)
-    e_c = e.gather(0, cand_k)[0]
-    cand_moved = moved.gather(0, cand_k)[0]
-    err_c = torch.where(cand_rank < count, cand_moved * step.double(), 0.0) + e_c.double()
-    err_c = torch.where((cand_rank < count) & ~cand_moved, 0.0, err_c)
+    if handed.any():
+        s_after -= torch.from_numpy(e * handed).sum(0, dtype=torch.float64).numpy()
+    e_c, cand_moved = e[cand_k, cols].astype(np.float64), moved[cand_k, cols]
+    err_c = np.where(cand_rank < count, cand_moved * step.astype(np.float64), 0.0) + e_c
+    err_c = np.where((cand_rank < count) & ~cand_moved, 0.0, err_c)
     # Stage C moves a candidate from its ORIGINAL rounding, in the candidate's direction (so an
     # un-flip returns to rn), or keeps rn where that move is not allowed.
-    x_c, rn_c = xt.gather(0, cand_k)[0], rn.gather(0, cand_k)[0]
-    pr_c, step_c = _priority(x_c, rn_c - x_c, up ^ over, qmin, qmax)
-    return num, s_after, err_c.abs(), cand_k[0], rn_c + step_c * (pr_c > 0)
+    x_c, rn_c = xt[cand_k, cols], rn[cand_k, cols]
+    step_c = (up ^ over) * xt.dtype.type(2) - 1
+    target = rn_c + step_c * (_move_priority(x_c, rn_c - x_c, step_c, qmin, qmax) > 0)
+    return num, s_after, np.abs(err_c), cand_k, target
 
 
-def _order_kernels(prio: Tensor, count: Tensor, cand_rank: Tensor) -> tuple[Tensor, Tensor]:
-    """For each column of ``prio`` (k, R), in (priority desc, row asc) order: the mask of the first
-    ``count`` elements, and the row of the element at ``cand_rank`` (shape (1, R))."""
-    k = prio.shape[0]
-    rank = _ranks(prio)
-    at = (rank == cand_rank).to(torch.uint8) * torch.arange(k, dtype=torch.uint8)[:, None]
-    return rank < count, at.sum(0, dtype=torch.int64)[None]
-
-
-def _ranks(prio: Tensor) -> Tensor:
+def _ranks(prio: np.ndarray) -> np.ndarray:
     """Rank of every element of each column of ``prio`` (k, R) in (priority desc, row asc) order."""
     k = prio.shape[0]
-    rank = torch.zeros(prio.shape, dtype=torch.int32)
+    rank = np.zeros(prio.shape, dtype=np.int32)
     for i in range(k - 1):
         behind = prio[i + 1 :] <= prio[i]  # rows after i that i precedes (ties: lower index first)
         rank[i + 1 :] += behind
-        rank[i] += (~behind).sum(0, dtype=rank.dtype)
+        rank[i] += (~behind).sum(0, dtype=np.int32)
     return rank
 
 
