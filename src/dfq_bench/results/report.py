@@ -231,23 +231,22 @@ def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
 
 def _pooled(values: pd.DataFrame, cell: np.ndarray, n_cells: int) -> pd.DataFrame:
     """``<column>_mean`` and ``_std`` (sample std) of each column of ``values`` per ``cell`` over the runs that
-    have a value (NaN for none; for the std, for one). The sums are math.fsum's, exactly rounded, over each
-    cell's slice of the runs sorted by cell: pandas' sums may differ in the last bit, and the page shows means
-    in full (and a mean of 4 runs of 2-decimal numbers may end in 5 at the third)."""
+    have a value (NaN for none; the std for one). The means are exactly rounded sums (math.fsum) over each
+    cell's runs, as pandas' are not quite: the page shows them in full, and a mean of four numbers with two
+    decimals can end in 5 at the third; the stds, shown to 4 decimals at most, are numpy's."""
     order = np.argsort(cell, kind="stable")
-    bounds = [*np.searchsorted(cell[order], np.arange(n_cells)).tolist(), len(cell)]
-    spans = list(zip(bounds, bounds[1:], strict=False))
     x = values.to_numpy(dtype=float)[order]
     present = ~np.isnan(x)
+    x0 = np.where(present, x, 0.0)
+    bounds = [*np.searchsorted(cell[order], np.arange(n_cells)).tolist(), len(x)]
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    sums = np.array([[math.fsum(col[i:j]) for i, j in spans] for col in x0.T.tolist()]).T.reshape(n_cells, x.shape[1])
     count = np.array([present[i:j].sum(axis=0) for i, j in spans]).reshape(n_cells, x.shape[1])
-
-    def fsums(a: np.ndarray) -> np.ndarray:
-        return np.array([[math.fsum(col[i:j]) for i, j in spans] for col in np.where(present, a, 0.0).T.tolist()]).T
-
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, fsums(x) / count, np.nan)
-        std = np.where(count > 1, np.sqrt(fsums((x - mean[cell[order]]) ** 2) / (count - 1)), np.nan)
-    return pd.DataFrame(np.hstack([mean, std]),
+        mean = sums / count
+        squares = np.where(present, x - mean[cell[order]], 0.0) ** 2
+        std = np.sqrt(np.add.reduceat(squares, bounds[:-1], axis=0) / (count - 1)) if n_cells else mean
+    return pd.DataFrame(np.hstack([mean, np.where(count > 1, std, np.nan)]),
                         columns=[*(f"{c}_mean" for c in values), *(f"{c}_std" for c in values)])
 
 
@@ -568,31 +567,35 @@ def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True
     titled ``title``, default ``dfq_bench results: <the directory of the rows>``) of ``paths`` into ``out_dir``;
     returns the rows and the files."""
     gc_was_on = gc.isenabled()
-    gc.disable()  # rows are acyclic JSON: the cycle collector would rescan 100,000s of live dicts
-    try:
+    gc.disable()  # rows are acyclic JSON: the cycle collector would rescan 100,000s of live dicts while they
+    try:  # are read, and at each collection while the outputs are written, unless frozen (left out)
         rows = load(paths)
         cells, warnings = aggregate(rows.ok)
-    finally:
+        gc.freeze()
         if gc_was_on:
             gc.enable()
-    rows.warnings += warnings
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if tables:
-        for name, text in (("tables.md", markdown(rows, cells)), ("tables.tex", latex(cells)),
-                           ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
-            (out_dir / name).write_text(text, encoding="utf-8")
-            written.append(out_dir / name)
-        if make_plots and len(cells):
-            written += [path for stem, fig in figures(cells) for path in _save(fig, out_dir / stem)]
-    if html:
-        from dfq_bench.results.html import write_page
+        rows.warnings += warnings
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        if tables:
+            for name, text in (("tables.md", markdown(rows, cells)), ("tables.tex", latex(cells)),
+                               ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
+                (out_dir / name).write_text(text, encoding="utf-8")
+                written.append(out_dir / name)
+            if make_plots and len(cells):
+                written += [path for stem, fig in figures(cells) for path in _save(fig, out_dir / stem)]
+        if html:
+            from dfq_bench.results.html import write_page
 
-        dirs = dict.fromkeys(Path(p).resolve().parent.name for p in paths)
-        title = title or f"dfq_bench results: {', '.join(dirs)}"
-        written.append(write_page(rows, cells, out_dir, title, [str(p) for p in paths], make_plots))
-    return rows, written
+            dirs = dict.fromkeys(Path(p).resolve().parent.name for p in paths)
+            title = title or f"dfq_bench results: {', '.join(dirs)}"
+            written.append(write_page(rows, cells, out_dir, title, [str(p) for p in paths], make_plots))
+        return rows, written
+    finally:
+        gc.unfreeze()
+        if gc_was_on:
+            gc.enable()
 
 
 def main(argv: list[str] | None = None) -> int:
