@@ -53,3 +53,11 @@ def test_the_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
     assert torchvision_timm.sha256_file(path) == h1 and len(reads) == 1
     path.write_bytes(b"y" * 1000)  # new content (and mtime): hashed again
     assert torchvision_timm.sha256_file(path) != h1 and len(reads) == 2
+
+
+def test_the_synthetic_data_cache_location_is_not_part_of_the_run_id(tmp_path):
+    base = ["method=zeroq", "data=zeroq_cpu", "model=test_cnn", "dataset=fake"]
+    ids = {run_id(compose_cfg([*base, *extra])) for extra in
+           ([], [f"data.cache_dir={tmp_path / 'a'}"], ["data.cache_dir=.cache/b"])}
+    assert len(ids) == 1
+    assert run_id(compose_cfg([*base, "data.steps=3"])) not in ids

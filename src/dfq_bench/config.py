@@ -408,6 +408,8 @@ def identity_config(cfg: DictConfig) -> dict:
             model["weights"] = f"sha256:{sha256_file(path)}"  # not its path: a retrained file is a new run
             model.pop("sha256", None)  # a check of that content, in any case or as a prefix
     data = d.get("data") or {}
+    if data.get("cache_dir") is not None:  # where the synthetic-data cache lives is not the result (hashed as
+        data["cache_dir"] = None  # the default, null, that every earlier row holds: their run_ids stay)
     if data.get("name") == "noise" and _noise_space(d) in (None, "raw"):
         data.pop("space", None)  # the noise every run used before the key existed, or noise never used
     return d
