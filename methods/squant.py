@@ -57,6 +57,7 @@ Deviations from the reference, all recorded here:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ MODES = {  # mode -> (kernel stage, channel stage)
     "squant-c": (False, True),
 }
 DEFAULT_K = {"4": 12.0, "6": 14.0, "8": 25.0}
-CHUNK_ELEMS = 1 << 18  # weights per block and thread of the elementwise passes: bounds temporaries, stays in cache
+CHUNK_ELEMS = 1 << 18  # weights per block of the elementwise passes: bounds temporaries, stays in cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +94,10 @@ CHUNK_ELEMS = 1 << 18  # weights per block and thread of the elementwise passes:
 #
 # Layouts: per-kernel reductions run kernel-major, (k, R) with one column per kernel, where they
 # are fast reductions over dim 0; levels are written in the weight's own layout, moves as sparse
-# scatters. torch.where, nonzero and boolean masks are slow on CPU, so the hot path avoids them.
+# scatters. torch.where, nonzero and boolean masks are slow on CPU, so the hot path avoids them;
+# per-kernel and per-channel bookkeeping is in numpy. Blocks of the elementwise passes run on
+# torch.get_num_threads() Python threads (``_map_blocks``); the layer-wide steps (general code,
+# stage C) run once per layer.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -126,10 +130,26 @@ def flip_levels(
     return levels.reshape(shape).to(x.dtype)
 
 
-def _block_elems() -> int:
-    """Weights per block: CHUNK_ELEMS per torch thread, so that each thread's share of an
-    elementwise pass stays cache-sized (and a block runs fewer, larger parallel ops)."""
-    return CHUNK_ELEMS * torch.get_num_threads()
+def _map_blocks(fn, n: int, size: int) -> list:
+    """[fn(lo) for lo in range(0, n, size)], the blocks shared among torch.get_num_threads()
+    Python threads, torch single-threaded meanwhile (restored after). The blocks are independent
+    and write disjoint slices; torch ops and numpy's array loops release the GIL. One thread per
+    block instead of torch's parallel ops inside a block: fewer, larger units of work, and no
+    barrier per op (which stalls whenever another process holds a core)."""
+    starts = range(0, n, size)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        return [fn(lo) for lo in starts]
+    pool = _POOLS.get(workers) or _POOLS.setdefault(workers, ThreadPoolExecutor(workers, "squant"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return list(pool.map(fn, starts))
+    finally:
+        torch.set_num_threads(threads)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _in_span(x: Tensor, qmin: int, qmax: int) -> bool:
@@ -184,8 +204,9 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
     x2, out2 = x.reshape(r, k), out.view(r, k)
     fast = x.dtype == torch.float32 and k <= 16  # the keys' low bits hold the row (float64: general code)
     kern = _KernelInfo(r, fast)
-    cols = max(1, _block_elems() // k)
-    for lo in range(0, r, cols):
+    cols = max(1, CHUNK_ELEMS // k)
+
+    def block(lo: int) -> tuple[int, float, float]:
         xb, ob = x2[lo : lo + cols], out2[lo : lo + cols]
         torch.round(xb, out=ob)
         xt = _kernel_major(xb)
@@ -193,12 +214,14 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
         s = kern.s[lo : lo + cols]
         s[:] = e.sum(0, dtype=torch.float64).numpy()
         if fast:  # (reuses e's memory)
-            _fast_kernels(xt, e, s, qmin, qmax, kern, lo, ob)
-        else:
-            up, _, over = _direction(s)
-            kern.cand_up[lo : lo + cols] = up ^ over
-    exact_count = kern.span_ok(qmin, qmax) if fast else _in_span(x2, qmin, qmax)
-    changed = kern.changed
+            return _fast_kernels(xt, e, s, qmin, qmax, kern, lo, ob)
+        up, _, over = _direction(s)
+        kern.cand_up[lo : lo + cols] = up ^ over
+        return 0, math.inf, -math.inf
+
+    changes, lows, highs = zip(*_map_blocks(block, r, cols), strict=True)
+    changed = sum(changes)
+    exact_count = (min(lows) > qmin - 0.5 and max(highs) < qmax + 0.5) if fast else _in_span(x2, qmin, qmax)
 
     irr = np.flatnonzero(~kern.regular)
     if len(irr):
@@ -250,8 +273,7 @@ def _kernel_then_channel(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tenso
 
 class _KernelInfo:
     """Per-kernel results over a layer (numpy arrays of length R): the error sum s; regular (the
-    fast path's); after stage K: the error sum, the candidate's priority, direction (up) and row.
-    Also the number of changed levels so far and the range of the values seen (fast path)."""
+    fast path's); after stage K: the error sum, the candidate's priority, direction (up) and row."""
 
     def __init__(self, r: int, fast: bool):
         self.s = np.empty(r)
@@ -260,12 +282,6 @@ class _KernelInfo:
         self.cand_pr = np.empty(r)
         self.cand_up = np.empty(r, dtype=bool)
         self.cand_row = np.empty(r, dtype=np.int32)
-        self.changed = 0
-        self.lo, self.hi = math.inf, -math.inf
-
-    def span_ok(self, qmin: int, qmax: int) -> bool:
-        """As ``_in_span``, from the kernels' minima and maxima seen."""
-        return self.lo > qmin - 0.5 and self.hi < qmax + 0.5
 
 
 KEY_BASE = 111 << 23  # float32 bits of 2**-16: smaller priorities share the lowest key class
@@ -273,9 +289,10 @@ KEY_TOP = 126 << 23  # float32 bits of 0.5, the largest priority
 
 
 def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, kern: _KernelInfo,
-                  lo: int, out: Tensor) -> None:
+                  lo: int, out: Tensor) -> tuple[int, float, float]:
     """Stage K on a block of float32 kernels (k, m) in kernel-major layout: fills ``kern`` at
     [lo, lo + m) and applies the K moves of the regular kernels to their levels ``out`` (m, k).
+    Returns the number of moves and the smallest and largest value of the block.
 
     A kernel is regular when its outcome depends on its first two elements only: s != 0, at most
     the first two ranks matter (count 0 or 1 under-flipped, count 1 or 2 over-flipped), those hold
@@ -303,7 +320,6 @@ def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, ke
     row1 = (k - 1) - (nxt & low)
     cand_key = first + (nxt - first) * second
     col_lo, col_hi = xt.amin(0).numpy(), xt.amax(0).numpy()
-    kern.lo, kern.hi = min(kern.lo, float(col_lo.min())), max(kern.hi, float(col_hi.max()))
     sl = slice(lo, lo + m)
     regular = kern.regular[sl]
     np.greater_equal(col_lo, qmin, out=regular)
@@ -318,7 +334,7 @@ def _fast_kernels(xt: Tensor, e: Tensor, s: np.ndarray, qmin: int, qmax: int, ke
     one, two = np.flatnonzero(regular & (count >= 1)), np.flatnonzero(regular & (count >= 2))
     at = np.concatenate([one * k + row0[one], two * k + row1[two]])
     out.view(-1).scatter_add_(0, torch.from_numpy(at), torch.from_numpy(step[np.concatenate([one, two])]))
-    kern.changed += len(at)
+    return len(at), float(col_lo.min()), float(col_hi.max())
 
 
 def _kernel_major(xb: Tensor) -> Tensor:
@@ -392,16 +408,17 @@ def _ranks(prio: np.ndarray) -> np.ndarray:
 def _channel_stage(x: Tensor, qmin: int, qmax: int, do_c: bool, out: Tensor) -> int:
     """Round (and stage C over all elements of each channel) on x (o, n), in blocks of channels;
     writes the levels into ``out`` and returns the number of levels that differ from rounding."""
-    rows = max(1, _block_elems() // max(x.shape[1], 1))
-    changed = 0
-    for lo in range(0, len(x), rows):
+    rows = max(1, CHUNK_ELEMS // max(x.shape[1], 1))
+
+    def block(lo: int) -> int:
         xb, num = x[lo : lo + rows], out[lo : lo + rows]
         torch.round(xb, out=num)
         if do_c:
-            changed += _channel_only(xb, num, qmin, qmax)
-        else:
-            num.clamp_(qmin, qmax)
-    return changed
+            return _channel_only(xb, num, qmin, qmax)
+        num.clamp_(qmin, qmax)
+        return 0
+
+    return sum(_map_blocks(block, len(x), rows))
 
 
 def _channel_only(x: Tensor, num: Tensor, qmin: int, qmax: int) -> int:
