@@ -147,6 +147,15 @@ def test_vectorized_equals_loop_reference_on_tricky_values(shape, bits, mode):
         assert torch.equal(got, reference_levels(x, qmin, qmax, kernel, channel))
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_negative_zero_priority_keeps_the_index_tie_rule(mode):
+    """A case the int64-key sorting network got wrong (a -0.0 priority ranked below +0.0)."""
+    kernel, channel = MODES[mode]
+    qmin, qmax = qrange(2)
+    x = tricky_x((20, 10, 1, 3), 2, seed=3)
+    assert torch.equal(flip_levels(x, qmin, qmax, kernel, channel), reference_levels(x, qmin, qmax, kernel, channel))
+
+
 def test_tricky_values_cover_every_edge_case():
     stats, stats_c = {}, {}
     for bits in (2, 3, 4):
