@@ -14,7 +14,7 @@ It is meant to be run from the repository root of a clone. Left out: ``hydra.*``
 multirun job's command is a single run) and ``progress`` (a progress bar; nothing in the row). Kept when not
 the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, ``skip_done``, ``device`` and
 the ``logger`` keys, since they decide where the row goes, whether the run happens and what it mirrors.
-Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir`` and a local ``model.weights`` file (identified by
+Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights`` file (identified by
 its content, not its path) are written relative to the repository root when inside it (``model.weights``:
 ``~/...`` under the home directory); ``dataset.root`` is written as given, because the run_id hashes its text.
 Values are written in Hydra's override grammar (quoted where it needs it), then shell-quoted (``shlex``).
@@ -49,8 +49,8 @@ PROGRAM = "python -m dfq_bench"
 CHOICE_GROUPS = ("model", "dataset", "method", "protocol", "data", "logger")  # always written, in this order
 ALWAYS = ("wbits", "abits", "seed")
 LEFT_OUT = ("hydra", "progress")
-PATH_KEYS = ("results_dir", "eval_cache", "model.weights", "data.cache_dir")  # written repo-relative; none
-# changes the run_id (a local weights file is hashed by its content, data.cache_dir not at all)
+PATH_KEYS = ("results_dir", "eval_cache", "model.weights", "data.cache_dir", "mp.cache_dir")  # written
+# repo-relative; none changes the run_id (a local weights file is hashed by its content, the caches not at all)
 _SIMPLE = re.compile(r"[\w./@:+-]+")
 
 
