@@ -14,9 +14,10 @@ It is meant to be run from the repository root of a clone. Left out: ``hydra.*``
 multirun job's command is a single run) and ``progress`` (a progress bar; nothing in the row). Kept when not
 the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, ``skip_done``, ``device`` and
 the ``logger`` keys, since they decide where the row goes, whether the run happens and what it mirrors.
-Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights`` file (identified by
-its content, not its path) are written relative to the repository root when inside it (``model.weights``:
-``~/...`` under the home directory); ``dataset.root`` is written as given, because the run_id hashes its text.
+Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights``
+file (identified by its content, not its path) are written relative to the repository root when inside it
+(``model.weights``: ``~/...`` under the home directory); ``dataset.root`` is written as given, because the
+run_id hashes its text.
 Values are written in Hydra's override grammar (quoted where it needs it), then shell-quoted (``shlex``).
 
 "Reproduces" means: running the command gives a row with the same run_id, the same identity fields and the
