@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${DFQ_EXTRAS:-dev,timm,report,wandb,efficientnet,samples,joblib,slurm,deploy}
+EXTRAS=${DFQ_EXTRAS:-dev,timm,report,wandb,efficientnet,samples,natural,joblib,slurm,deploy}
 
 if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch and torchvision"

@@ -418,7 +418,9 @@ def test_efficientnet_lite0_package_weights_classify_the_imagenet_samples():
     preprocessing; the package file's sha256 is checked and recorded."""
     foolbox_or_skip()
     efficientnet_or_skip()
-    from dfq_bench.models.efficientnet import PACKAGE_SHA256, package_weights_path
+    from dfq_bench.models.efficientnet import VARIANTS, package_weights_path
+
+    PACKAGE_SHA256 = VARIANTS["efficientnet_lite0"][2]
 
     built = MODELS.get("efficientnet_lite0")(compose_cfg(["model=efficientnet_lite0"]).model)
     path = package_weights_path()

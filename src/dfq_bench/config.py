@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "dataset", "method", "protocol", "data", "logger", "experiment")
+NATURAL_KEYS = ("views", "scales", "view_seed")  # DatasetConfig keys only dataset=natural_images reads
 MIN_BITS, MAX_BITS = 2, 16
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeding both take 0..2**32-1
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -57,6 +58,10 @@ class DatasetConfig:
     num_samples: int = 512  # synthetic `fake` dataset only
     images: str = "gaussian"  # `fake` only: gaussian (N(0, 1) inputs) | pixel (uniform pixels, normalized)
     calib_seed: int = 0  # seed of the train-split subset used by the `real` calibration control
+    views: int = 4  # natural_images only: views per image (data/natural.py)
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.75])  # natural_images: crop scale of each view
+    view_seed: int = 0  # natural_images: the seed of the crop positions (not the run's seed)
+    cache_dir: str | None = None  # natural_images: where its views are cached (not in the run_id)
 
 
 @dataclass
@@ -228,6 +233,12 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
         raise ConfigError(f"dataset.limit={limit!r} is invalid; valid: a positive integer or null")
     if batch_size <= 0:
         raise ConfigError(f"dataset.batch_size={batch_size!r} is invalid; valid: a positive integer")
+    if cfg.dataset.views < 1:
+        raise ConfigError(f"dataset.views={cfg.dataset.views!r} is invalid; valid: a positive integer")
+    bad = [s for s in cfg.dataset.scales if not 0 < s <= 1]
+    if bad or not cfg.dataset.scales:
+        raise ConfigError(f"dataset.scales={list(cfg.dataset.scales)!r} is invalid; valid: a non-empty list of "
+                          "crop scales in (0, 1]")
     plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
     if cfg.get("mp") is not None:
@@ -396,6 +407,15 @@ def identity_config(cfg: DictConfig) -> dict:
         d.get("model", {}).pop("bn_reestimate", None)
     if d.get("dataset", {}).get("images") == "gaussian":  # and for the fake dataset's default images
         d["dataset"].pop("images")
+    dataset = d.get("dataset") or {}
+    dataset.pop("cache_dir", None)  # where the views are cached is not the result
+    if dataset.get("name") == "natural_images":  # the images depend on the source packages installed
+        from dfq_bench.data.natural import source_versions
+
+        dataset["sources"] = source_versions()
+    else:  # natural_images' own keys: every other dataset's run_id stays as before they existed
+        for key in NATURAL_KEYS:
+            dataset.pop(key, None)
     model = d.get("model") or {}
     if model.get("weights") is not None:  # a local weights file is identified by its content
         from dfq_bench.models.torchvision_timm import WeightsError, local_weights_path, sha256_file

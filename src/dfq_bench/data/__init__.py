@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dfq_bench.registry import DATASETS
 
+UNLABELLED = -1  # the label of an evaluation image without a class (natural_images): top-k skips it
+
 
 @dataclass
 class DataBundle:
@@ -83,4 +85,5 @@ DATASETS.register_lazy("cifar10", "dfq_bench.data.imagenet:cifar10")
 DATASETS.register_lazy("cifar100", "dfq_bench.data.imagenet:cifar100")
 DATASETS.register_lazy("imagenet_samples", "dfq_bench.data.samples:imagenet_samples")
 DATASETS.register_lazy("cifar10_samples", "dfq_bench.data.samples:cifar10_samples")
+DATASETS.register_lazy("natural_images", "dfq_bench.data.natural:natural_images")
 DATASETS.register_lazy("fashion_mnist", "dfq_bench.data.fashion_mnist:fashion_mnist")

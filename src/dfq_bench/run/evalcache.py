@@ -74,7 +74,7 @@ class EvalCache:
             "num_classes": built.num_classes,
             "preprocess": asdict(built.preprocess),
             "dataset": dataset_cfg,
-            "dataset_info": dataset_info,
+            "dataset_info": {k: v for k, v in dataset_info.items() if k != "view_cache"},  # hit or miss: not the data
             "device": device,
             "torch": torch.__version__,
         }

@@ -26,7 +26,7 @@ from dfq_bench.config import UnsupportedError, identity_config, mp_identity, plu
 from dfq_bench.core.method import QuantContext
 from dfq_bench.core.mixed import from_config
 from dfq_bench.core.modules import NonFiniteError, first_nonfinite
-from dfq_bench.data import DatasetError
+from dfq_bench.data import UNLABELLED, DatasetError
 from dfq_bench.models import BuiltModel, reestimate_bn
 from dfq_bench.registry import DATASETS, METHODS, MODELS, SYNTH
 from dfq_bench.results import IN_EVERY_ROW, append_row, check_writable, write_json
@@ -81,13 +81,15 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
              fp32: FP32Outputs | None = None, record: list | None = None) -> dict:
     """Feeds each batch once to both models. Top-k in percent; agreement of the two top-1
     predictions; mean KL(p_fp32 || p_quant) of the softmax outputs; forward time of each model.
+    Top-k counts only images with a label (``UNLABELLED`` ones: natural_images), None when none has;
+    agreement and KL count every image.
     A model may be any callable from images to logits (deploy/check.py passes an ONNX Runtime session).
 
     ``fp32``: cached FP32 logits of this loader (run/evalcache.py): the FP32 forward is skipped and
     its logits are read from the cache. ``record``: a list that receives (FP32 logits, labels) of
     every batch on CPU, to make a cache entry.
     """
-    n = top1 = top5 = top1_fp = top5_fp = agree = 0
+    n = n_lab = top1 = top5 = top1_fp = top5_fp = agree = 0
     kl_sum, t_q, t_fp = 0.0, 0.0, 0.0
     for x, y in bar(loader, desc="eval"):
         x, y = x.to(device), y.to(device)
@@ -110,16 +112,18 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
                 raise NonFiniteError(f"the {what} model's output holds NaN or Inf at evaluation image {n}"
                                      + (f"; first non-finite module: {where}" if where else ""))
         t_fp += t1 - t0
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits_fp.shape[1]):  # never a lower accuracy
+        if len(y) and (int(y.min()) < UNLABELLED or int(y.max()) >= logits_fp.shape[1]):  # never a lower accuracy
             bad = int(y.max()) if int(y.max()) >= logits_fp.shape[1] else int(y.min())
             raise DatasetError(f"label {bad} in evaluation images {n}..{n + len(y) - 1} is outside the model's "
-                               f"{logits_fp.shape[1]} classes (valid: 0..{logits_fp.shape[1] - 1})")
+                               f"{logits_fp.shape[1]} classes (valid: 0..{logits_fp.shape[1] - 1}, "
+                               f"or {UNLABELLED}: no label)")
         k = min(5, logits_fp.shape[1])
         pred_fp, pred_q = logits_fp.topk(k, 1).indices, logits_q.topk(k, 1).indices
-        top1_fp += int((pred_fp[:, 0] == y).sum())
+        top1_fp += int((pred_fp[:, 0] == y).sum())  # an UNLABELLED view matches no class
         top1 += int((pred_q[:, 0] == y).sum())
         top5_fp += int((pred_fp == y[:, None]).any(1).sum())
         top5 += int((pred_q == y[:, None]).any(1).sum())
+        n_lab += int((y != UNLABELLED).sum())
         agree += int((pred_fp[:, 0] == pred_q[:, 0]).sum())
         logp_fp, logp_q = F.log_softmax(logits_fp.float(), 1), F.log_softmax(logits_q.float(), 1)
         kl_sum += float((logp_fp.exp() * (logp_fp - logp_q)).sum())
@@ -130,10 +134,10 @@ def evaluate(fp_model: nn.Module, q_model: nn.Module, loader, device: str, bar,
         if n != len(fp32.labels):
             raise RuntimeError(f"eval cache holds {len(fp32.labels)} images, this loader {n}; delete the entry")
         t_fp = fp32.t_eval_fp32_s
-    pct = lambda c: 100.0 * c / n  # noqa: E731
+    pct = lambda c: 100.0 * c / n_lab if n_lab else None  # noqa: E731  (top-k over labelled images only)
     return {
         "top1": pct(top1), "top5": pct(top5), "top1_fp32": pct(top1_fp), "top5_fp32": pct(top5_fp),
-        "agree_fp32": pct(agree), "kl_fp32": kl_sum / n, "n_eval": n,
+        "agree_fp32": 100.0 * agree / n, "kl_fp32": kl_sum / n, "n_eval": n,
         "t_eval_s": t_q, "t_eval_fp32_s": t_fp,
     }
 
@@ -285,7 +289,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         if record:  # never raises: an unwritable cache is a warning, the result stands
             cache.save(FP32Outputs(torch.cat([r[0] for r in record]), torch.cat([r[1] for r in record]),
                                    row["t_eval_fp32_s"]))
-        row["delta_top1"] = row["top1"] - row["top1_fp32"]
+        row["delta_top1"] = None if row["top1"] is None else row["top1"] - row["top1_fp32"]  # no labels: None
         if cfg.get("deploy"):  # deployed-integer check (deploy/); an export error fails the row
             from dfq_bench.deploy import deployed_check
 
@@ -361,7 +365,9 @@ def summary(row: dict) -> str:
         f"  {'FP32':10s}{f(row['top1_fp32']):>8s}{f(row['top5_fp32']):>8s}",
         f"  {'quantized':10s}{f(row['top1']):>8s}{f(row['top5']):>8s}",
         f"  {'delta':10s}{f(row['delta_top1'], '+.2f'):>8s}",
-        f"  agreement {f(row['agree_fp32'])}%  KL {f(row['kl_fp32'], '.4g')}  n_eval {row['n_eval']}",
+        f"  agreement {f(row['agree_fp32'])}%  KL {f(row['kl_fp32'], '.4g')}  n_eval {row['n_eval']}"
+        + (f" (top-k on {labelled} labelled)" if (labelled := (row.get("dataset_info") or {}).get("n_labelled"))
+           is not None else ""),
         f"  time: synth {f(row['t_synth_s'], '.3f')}s  quant {f(row['t_quant_s'], '.3f')}s  "
         f"eval {f(row['t_eval_s'], '.3f')}s (fp32 {f(row['t_eval_fp32_s'], '.3f')}s)  "
         f"peak RSS {f(row['peak_rss_mb'], '.0f')} MB",
