@@ -1,14 +1,18 @@
-# Two commands for a fresh machine: `make demo` (set up + default benchmark), `make test` (set up + tests).
+# Commands for a fresh machine: `make demo` (set up + default benchmark), `make test` (set up + tests),
+# `make demo-imagenet` (set up + SQuant W4A4 on EfficientNet-Lite0's real ImageNet weights over natural_images).
 PY ?= python3
 export PYTHON := $(PY)
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo demo-imagenet test test-slow lint
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m dfq_bench
+
+demo-imagenet: setup
+	$(PY) -m dfq_bench method=squant model=efficientnet_lite0 dataset=natural_images wbits=4 abits=4
 
 test: setup
 	$(PY) -m ruff check src methods tests scripts
