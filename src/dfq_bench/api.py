@@ -78,7 +78,8 @@ def protocol_config(protocol: str | Any = "common", **protocol_keys) -> DictConf
 def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abits: int | None = 4,
              example_input: Tensor, calib: list[Tensor] | None = None, protocol: str | Any = "common",
              protocol_keys: dict | None = None, seed: int = 0, device: str | None = None,
-             progress: Callable | None = None, planner: Any = None, **method_keys) -> tuple[nn.Module, dict]:
+             progress: Callable | None = None, planner: Any = None, eval_data: Iterable | None = None,
+             **method_keys) -> tuple[nn.Module, dict]:
     """Quantizes ``model`` (left untouched) and returns (the fake-quantized copy, info for a row).
 
     Args:
@@ -88,6 +89,8 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
             the weights are quantized (a source that sees the student).
         planner: a ``core.planner.PLANNERS`` name or a planner callable (per-layer bits); default: the
             protocol's first/last-layer rules.
+        eval_data: (images, labels) batches for a method that monitors accuracy while it trains
+            (``needs_eval``: gdfq's per-epoch curve); it never selects the returned model.
     Raises:
         UnsupportedError: the method cannot run on this model (e.g. it needs the layer graph and
             the model cannot be traced), before any work.
@@ -96,7 +99,7 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
     proto = protocol_config(protocol, **(protocol_keys or {}))
     dev = device or str(example_input.device)
     ctx = QuantContext(wbits, abits, proto, seed, dev, example_input, calib=calib,
-                       progress=progress or (lambda it, **kw: it), planner=planner)
+                       progress=progress or (lambda it, **kw: it), planner=planner, eval_data=eval_data)
     if m.wants_data(ctx) and not calib:
         raise ValueError(f"method {m.name} needs calibration batches here; pass calib=dfq_bench.make_calib(...)")
     qmodel = m.quantize(model, ctx)  # refuses first (UnsupportedError) if the model does not fit

@@ -11,6 +11,7 @@ from dfq_bench.registry import METHODS
 METHOD_MODULES = {
     "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
+    "gdfq": "dfq_bench.methods.gdfq:GDFQ",
     "genie": "dfq_bench.methods.genie:Genie",
     "powerquant": "dfq_bench.methods.powerquant:PowerQuant",
     "rex": "dfq_bench.methods.rex:Rex",

@@ -65,6 +65,7 @@ class QuantContext:
     progress: Callable = lambda it, **kw: it  # wraps long loops in a progress bar
     info: dict = field(default_factory=dict)  # method-specific fields for the result row
     planner: Any = None  # a ``core.planner.PLANNERS`` name or a Planner; None: the protocol's rules
+    eval_data: Any = None  # (images, labels) batches of the evaluation set, for a method with ``needs_eval``
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Method:
     version = "1"
     default_act_range = "minmax"
     needs_data = False  # True if the method itself (not only its activation rule) uses batches
+    needs_eval = False  # True: it monitors accuracy while it trains (the runner passes ``ctx.eval_data``)
     w_ranges = ("include_zero", "minmax")  # protocol.w_range values the method's weight grid honours
     weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
     mp_refusal: str | None = None  # why this method cannot take a mixed-precision plan (``mp.allocator``)

@@ -270,7 +270,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         t0 = time.perf_counter()
         qmodel, info = api.quantize(model, method, wbits=cfg.wbits, abits=cfg.abits, example_input=example,
                                     calib=ctx.calib, protocol=cfg.protocol, seed=cfg.seed, device=cfg.device,
-                                    progress=bar, planner=ctx.planner)
+                                    progress=bar, planner=ctx.planner,
+                                    eval_data=bundle.loader if getattr(method, "needs_eval", False) else None)
         ctx.info = info
         row["t_quant_s"] = time.perf_counter() - t0
         clash = set(ctx.info) & set(row)

@@ -1,0 +1,140 @@
+"""The alternating generator / student loop of the generator-based zero-shot QAT family (GDFQ, Qimera,
+AdaDFQ, GranQ; ../shared/docs/methods.md), for the ``calibrate`` and ``train`` stages of such a method
+(methods/gdfq.py).
+
+Each iteration of an epoch: one generator step on a fresh batch (z, labels) with the method's generator
+loss, computed from the teacher's logits and BN-statistics term on G(z, labels) (Adam); then, unless the
+epoch is a warm-up epoch, one student step on the same batch, detached, with the method's student loss
+(SGD). Learning rates are multiplied by ``lr_gamma`` at each epoch of ``milestones`` (both optimizers,
+epochs counted from 0 over the whole run, warm-up included). Every random draw comes from one
+``torch.Generator`` seeded by the run seed. ``cfg`` is the method's config (``iters_per_epoch``,
+``batch_size``, ``lr_generator``, ``generator_betas``, ``lr_student``, ``momentum``, ``nesterov``,
+``weight_decay``, ``milestones``, ``lr_gamma``); the losses are the method's ``generator_loss`` and
+``student_loss`` (``losses``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dfq_bench.calib.bnstats import InputStats
+from dfq_bench.calib.generator import bn_layers, bn_stats_loss
+from dfq_bench.core.modules import NonFiniteError
+
+
+def lr_factor(epoch: int, milestones, gamma: float) -> float:
+    """gamma ** (number of milestones <= epoch): MultiStepLR's factor at ``epoch`` (0-based)."""
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+class ZeroShotTrainer:
+    """Teacher, student, generator, their optimizers and hooks for one run (see the module docstring).
+
+    The teacher (eval mode, frozen) carries the BN-input hooks; the student stays in eval mode (BN running
+    statistics frozen, as the reference), its trainable parameters are those with ``requires_grad``; the
+    generator trains in train mode.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, generator: nn.Module, cfg, losses, seed: int,
+                 device, progress=lambda it, **kw: it):
+        self.teacher, self.student, self.generator = teacher.eval(), student.eval(), generator.train()
+        self.cfg, self.losses, self.device, self.progress = cfg, losses, device, progress
+        names = {id(m): n for n, m in teacher.named_modules()}
+        bns = bn_layers(teacher)
+        self.hooks = InputStats(bns, [names[id(m)] for m in bns])
+        self.g = torch.Generator().manual_seed(seed)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.generator_betas))
+        self.opt_s: torch.optim.Optimizer | None = None  # made at the first student step
+        self.history: dict[str, list[float]] = {"loss_generator": [], "loss_bns": [], "loss_student": []}
+
+    def _set_lr(self, epoch: int) -> None:
+        f = lr_factor(epoch, self.cfg.milestones, self.cfg.lr_gamma)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.cfg.lr_generator * f
+        if self.opt_s is not None:
+            for group in self.opt_s.param_groups:
+                group["lr"] = self.cfg.lr_student * f
+
+    def _student_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=c.lr_student, momentum=c.momentum, nesterov=c.nesterov,
+                               weight_decay=c.weight_decay)
+
+    @torch.no_grad()
+    def samples(self, n: int) -> list[Tensor]:
+        """``n`` generated images in batches of ``batch_size`` (the generator as it is now)."""
+        out, done = [], 0
+        while done < n:
+            z, y = self.generator.draw(min(self.cfg.batch_size, n - done), self.g)
+            out.append(self.generator(z.to(self.device), y.to(self.device)))
+            done += len(y)
+        return out
+
+    def epoch(self, epoch: int, train_student: bool, desc: str = "epoch") -> dict[str, float]:
+        """One epoch of ``iters_per_epoch`` iterations; returns (and appends to ``history``) its mean losses."""
+        c = self.cfg
+        if train_student and self.opt_s is None:
+            self.opt_s = self._student_optimizer()
+        self._set_lr(epoch)
+        sums = {"loss_generator": 0.0, "loss_bns": 0.0, "loss_student": 0.0}
+        bar = self.progress(range(c.iters_per_epoch), desc=desc)
+        for it in bar:
+            z, y = self.generator.draw(c.batch_size, self.g)
+            z, y = z.to(self.device), y.to(self.device)
+            x = self.generator(z, y)
+            t = self.teacher(x)
+            bns = bn_stats_loss(self.hooks.modules, self.hooks.inputs)
+            loss_g = self.losses.generator_loss(t, y, bns)
+            self.hooks.check_finite(loss_g, f"{desc} iteration {it}: generator loss")
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+            lg, ls = float(loss_g.detach()), None
+            sums["loss_generator"] += lg
+            sums["loss_bns"] += float(bns.detach())
+            if train_student:
+                q = self.student(x.detach())
+                loss_s = self.losses.student_loss(q, t.detach(), y)
+                ls = float(loss_s.detach())
+                if not math.isfinite(ls):
+                    raise NonFiniteError(f"{desc} iteration {it}: the student loss is {ls}")
+                self.opt_s.zero_grad(set_to_none=True)
+                loss_s.backward()
+                self.opt_s.step()
+                sums["loss_student"] += ls
+            if hasattr(bar, "set_postfix") and it % 10 == 0:
+                bar.set_postfix(G=f"{lg:.3g}", S="-" if ls is None else f"{ls:.3g}")
+        means = {k: v / c.iters_per_epoch for k, v in sums.items()}
+        if not train_student:
+            means["loss_student"] = None
+        for k, v in means.items():
+            self.history[k].append(v)
+        return means
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+
+@torch.inference_mode()
+def top1_subset(model: nn.Module, loader, n: int | None, device) -> tuple[float | None, int]:
+    """Top-1 (percent, labelled images only) of ``model`` on the first ``n`` images of ``loader`` (None: all),
+    and the number of images seen."""
+    seen = right = labelled = 0
+    for x, y in loader:
+        if n is not None:
+            x, y = x[: n - seen], y[: n - seen]
+        x, y = x.to(device), y.to(device)
+        pred = model(x).argmax(1)
+        right += int((pred == y).sum())
+        labelled += int((y >= 0).sum())
+        seen += len(y)
+        if n is not None and seen >= n:
+            break
+    return (100.0 * right / labelled if labelled else None), seen
+
+
+__all__ = ["ZeroShotTrainer", "lr_factor", "top1_subset"]
