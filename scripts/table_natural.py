@@ -84,8 +84,10 @@ def main(paths: list[str]) -> None:
         print("Quantization time t_quant_s (weights + activation calibration):\n")
         print(table(by_model[model], lambda rs: "-" if not rs else f"{mean(rs, 't_quant_s'):.1f}") + "\n")
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for title, a, b in (("SQuant minus RTN", "SQuant", "RTN"), ("DFQ ReLU6 -> ReLU everywhere (all) minus only where "
-                                                                 "exact (safe)", "DFQ (relu6 all)", "DFQ (relu6 safe)")):
+    comparisons = (("SQuant minus RTN", "SQuant", "RTN"),
+                   ("DFQ ReLU6 -> ReLU everywhere (all) minus only where exact (safe)", "DFQ (relu6 all)",
+                    "DFQ (relu6 safe)"))
+    for title, a, b in comparisons:
         print(f"### {title}: top-1 points / agreement points / KL\n")
         print("| model | " + " | ".join(heads()) + " |\n" + "|---" * (len(heads()) + 1) + "|")
         for model, by in by_model.items():
