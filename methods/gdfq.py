@@ -186,6 +186,12 @@ class GDFQ(Method):
             for name, w in floats.items():
                 state.model.get_submodule(name).layer.parametrizations.weight.original.copy_(w)
 
+    def make_generator(self, state: QuantState, num_classes: int) -> Generator:
+        """The GDFQ generator for the model's input (called under the run seed)."""
+        cfg = self.cfg
+        return Generator(tuple(state.ctx.example_input.shape[1:]), num_classes, cfg.latent_dim,
+                         None if cfg.conditioning == "auto" else cfg.conditioning == "cbn")
+
     def calibrate(self, state: QuantState) -> None:
         """The generator and the trainer; the warm-up epochs (generator only); then the protocol's range
         rule on ``calib_images`` generated images."""
@@ -195,8 +201,7 @@ class GDFQ(Method):
             num_classes = state.teacher(ctx.example_input).shape[1]
         with torch.random.fork_rng(devices=[]):  # generator init from the run seed, global RNG untouched
             torch.manual_seed(ctx.seed)
-            gen = Generator(tuple(ctx.example_input.shape[1:]), num_classes, cfg.latent_dim,
-                            None if cfg.conditioning == "auto" else cfg.conditioning == "cbn").to(device)
+            gen = self.make_generator(state, num_classes).to(device)
         trainer = ZeroShotTrainer(state.teacher, state.model, gen, cfg, self, ctx.seed, device, ctx.progress)
         state.scratch["trainer"] = trainer
         state.info["generator"] = {"conditioning": "cbn" if gen.conditional else "multiply",

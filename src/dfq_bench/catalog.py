@@ -14,6 +14,7 @@ METHOD_MODULES = {
     "gdfq": "dfq_bench.methods.gdfq:GDFQ",
     "genie": "dfq_bench.methods.genie:Genie",
     "powerquant": "dfq_bench.methods.powerquant:PowerQuant",
+    "qimera": "dfq_bench.methods.qimera:Qimera",
     "rex": "dfq_bench.methods.rex:Rex",
     "rtn": "dfq_bench.methods.rtn:RTN",
     "squant": "dfq_bench.methods.squant:Squant",

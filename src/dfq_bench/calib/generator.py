@@ -14,6 +14,10 @@ as it is and conditions the two eps-0.8 BNs on the label instead (``ConditionalB
 gamma and beta embeddings over a BN without affine). Deviation: the second upsample goes to exactly
 H x W (the reference's x2, the same when H and W are divisible by 4).
 
+Labels are class indices (N,) or soft labels (N, C), rows of non-negative weights summing to 1: a soft
+label conditions on the same mixture of the class embeddings, Y @ E (Qimera's superposed samples,
+methods/qimera.py; ``label_embedding``). A one-hot row gives exactly E[y].
+
 BN-statistics loss (``bn_stats_loss``): the mean over the teacher's BN layers of MSE(batch mean, running
 mean) + MSE(biased batch variance, running variance) of each BN's input, the means and variances per
 channel over every other dimension. The inputs come from ``calib.bnstats.InputStats`` hooks.
@@ -32,6 +36,11 @@ from dfq_bench.graph import BATCHNORM
 BN_EPS = 0.8  # the reference's eps of the two inner BNs (passed positionally there)
 
 
+def label_embedding(embed: nn.Embedding, y: Tensor) -> Tensor:
+    """``embed(y)`` for class indices; for soft labels (N, C) the mixture y @ embed.weight."""
+    return embed(y) if not y.is_floating_point() else y.to(embed.weight.dtype) @ embed.weight
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine, then a per-class scale and shift (embeddings initialised to 1 and 0)."""
 
@@ -44,7 +53,8 @@ class ConditionalBatchNorm2d(nn.Module):
         nn.init.zeros_(self.beta.weight)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.gamma(y)[:, :, None, None] * self.bn(x) + self.beta(y)[:, :, None, None]
+        gamma, beta = label_embedding(self.gamma, y), label_embedding(self.beta, y)
+        return gamma[:, :, None, None] * self.bn(x) + beta[:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -85,7 +95,7 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
         if not self.conditional:
-            z = self.embed(y) * z
+            z = label_embedding(self.embed, y) * z
         x = self.bn0(self.linear(z).view(z.shape[0], self.width, self.h0, self.w0))
         x = F.interpolate(x, scale_factor=2)
         x = F.leaky_relu(self._norm(self.bn1, self.conv1(x), y), 0.2)
@@ -115,4 +125,4 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BATCHNORM)]
 
 
-__all__ = ["BN_EPS", "ConditionalBatchNorm2d", "Generator", "bn_layers", "bn_stats_loss"]
+__all__ = ["BN_EPS", "ConditionalBatchNorm2d", "Generator", "bn_layers", "bn_stats_loss", "label_embedding"]

@@ -10,7 +10,8 @@ epochs counted from 0 over the whole run, warm-up included). Every random draw c
 ``torch.Generator`` seeded by the run seed. ``cfg`` is the method's config (``iters_per_epoch``,
 ``batch_size``, ``lr_generator``, ``generator_betas``, ``lr_student``, ``momentum``, ``nesterov``,
 ``weight_decay``, ``milestones``, ``lr_gamma``); the losses are the method's ``generator_loss`` and
-``student_loss`` (``losses``).
+``student_loss`` (``losses``). A method with a ``draw(generator, n, g)`` draws the (z, labels) itself
+(Qimera's soft labels: rows of an (n, C) matrix summing to 1); otherwise ``generator.draw``.
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ class ZeroShotTrainer:
         return torch.optim.SGD(params, lr=c.lr_student, momentum=c.momentum, nesterov=c.nesterov,
                                weight_decay=c.weight_decay)
 
+    def draw(self, n: int) -> tuple[Tensor, Tensor]:
+        """(z, labels) for ``n`` samples from the run's random stream, by the method's ``draw`` if it has one."""
+        own = getattr(self.losses, "draw", None)
+        return own(self.generator, n, self.g) if own is not None else self.generator.draw(n, self.g)
+
     @torch.no_grad()
     def samples(self, n: int) -> list[Tensor]:
         """``n`` generated images in batches of ``batch_size`` (the generator as it is now)."""
         out, done = [], 0
         while done < n:
-            z, y = self.generator.draw(min(self.cfg.batch_size, n - done), self.g)
+            z, y = self.draw(min(self.cfg.batch_size, n - done))
             out.append(self.generator(z.to(self.device), y.to(self.device)))
             done += len(y)
         return out
@@ -83,7 +89,7 @@ class ZeroShotTrainer:
         sums = {"loss_generator": 0.0, "loss_bns": 0.0, "loss_student": 0.0}
         bar = self.progress(range(c.iters_per_epoch), desc=desc)
         for it in bar:
-            z, y = self.generator.draw(c.batch_size, self.g)
+            z, y = self.draw(c.batch_size)
             z, y = z.to(self.device), y.to(self.device)
             x = self.generator(z, y)
             t = self.teacher(x)
