@@ -112,3 +112,107 @@ def test_qimera_bad_keys_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as e:
         validate_config(compose_cfg(overrides), overrides)
     assert str(e.value) == message
+
+
+# ---- AdaDFQ ------------------------------------------------------------------------------------------
+
+T_LOGITS = torch.tensor([[3.0, 0.5, -1.0, 0.0], [0.2, 0.1, 0.0, -0.1], [-2.0, 4.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.5]])
+Q_LOGITS = torch.tensor([[2.5, 0.0, -0.5, 0.5], [0.2, 0.1, 0.0, -0.1], [1.0, -1.0, 1.0, 0.0], [0.0, 3.0, 1.0, 1.0]])
+
+
+def hand_entropy(row):
+    """Entropy (nats) of softmax(row), from exp and log of Python floats."""
+    e = [math.exp(v) for v in row]
+    p = [v / sum(e) for v in e]
+    return -sum(pi * math.log(pi) for pi in p)
+
+
+def test_adadfq_margin_loss_equals_the_formula_with_the_min_max_normalised_entropy():
+    from dfq_bench.methods.adadfq import margin_loss
+
+    d = (T_LOGITS - Q_LOGITS).tolist()
+    h = [hand_entropy(r) for r in d]  # row 1: t == q, uniform softmax: h = log 4; row 0: the lowest
+    lo = min(h)
+    hn = [(v - lo) / (math.log(4) - lo) for v in h]
+    assert hn[1] == pytest.approx(1.0) and min(hn) == 0.0
+    for l_l, l_u in ((0.1, 0.8), (0.3, 0.5), (0.0, 1.0)):
+        expected = sum(max(l_l - v, 0.0) for v in hn) / 4 + sum(max(v - l_u, 0.0) for v in hn) / 4
+        got = float(margin_loss(T_LOGITS, Q_LOGITS, l_l, l_u))
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), (l_l, l_u)
+    assert float(margin_loss(T_LOGITS, Q_LOGITS, 0.0, 1.0)) == 0.0
+
+
+def test_adadfq_generator_and_student_losses_equal_their_formulas():
+    from dfq_bench.methods.adadfq import AdaDFQ
+
+    m = AdaDFQ()  # the defaults: a_ds 0.2, a_as 0.1, l_l 0.1, l_u 0.8, beta = gamma = 1, T = 20
+    assert (m.cfg.a_ds, m.cfg.a_as, m.cfg.l_l, m.cfg.l_u, m.cfg.beta, m.cfg.gamma, m.cfg.temperature,
+            m.cfg.batch_size) == (0.2, 0.1, 0.1, 0.8, 1.0, 1.0, 20.0, 16)
+    y = [0, 3, 1, 2]
+
+    def ce(rows):  # -log softmax(row)[y], averaged
+        return sum(math.log(sum(math.exp(v) for v in r)) - r[c] for r, c in zip(rows, y, strict=True)) / len(y)
+
+    d, s = (T_LOGITS - Q_LOGITS).tolist(), (T_LOGITS + Q_LOGITS).tolist()
+    h = [hand_entropy(r) for r in d]
+    hn = [(v - min(h)) / (math.log(4) - min(h)) for v in h]
+    margin = sum(max(0.1 - v, 0) for v in hn) / 4 + sum(max(v - 0.8, 0) for v in hn) / 4
+    bns = 0.37
+    expected = margin + 1.0 * (0.2 * ce(d) + 0.1 * ce(s)) + 1.0 * bns
+    got = m.generator_loss(T_LOGITS, torch.tensor(y), torch.tensor(bns), Q_LOGITS)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    for T in (20.0, 5.0):
+        m = AdaDFQ(compose_method("adadfq", temperature=T))
+        expected = -sum(T * T * hand_entropy([v / T for v in r]) for r in d) / 4
+        assert float(m.student_loss(Q_LOGITS, T_LOGITS, torch.tensor(y))) == pytest.approx(expected, rel=1e-5)
+
+
+def compose_method(name, **keys):
+    return dfq_bench.build_method(name, **keys).cfg
+
+
+def test_adadfq_generator_step_sees_the_student_not_detached_and_updates_only_the_generator():
+    from dfq_bench.methods.adadfq import AdaDFQ
+
+    from dfq_bench.train.zeroshot import ZeroShotTrainer
+
+    seen = []
+
+    class OnlyStudent(AdaDFQ):
+        def generator_loss(self, t, y, bns, q=None):
+            seen.append(q)
+            return q.square().mean()  # a loss of the student's logits alone: its gradient must reach G
+
+    teacher, student = tiny_bn_net(0), tiny_bn_net(1)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    gen = Generator((3, 8, 8), 5, latent_dim=6)
+    method = OnlyStudent(compose_method("adadfq_cpu", iters_per_epoch=1, batch_size=4, lr_generator=1e-2))
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    trainer = ZeroShotTrainer(teacher, student, gen, method.cfg, method, 0, "cpu")
+    trainer.epoch(0, train_student=False)
+    trainer.close()
+    assert len(seen) == 1 and seen[0].requires_grad and seen[0].grad_fn is not None
+    assert not torch.equal(before["linear.weight"], gen.linear.weight)  # moved by a loss of q alone
+    assert all(p.grad is None for p in student.parameters())  # the generator step leaves the student alone
+
+
+def test_adadfq_cpu_end_to_end_gives_a_finite_row():
+    qmodel, info = run("adadfq_cpu")
+    assert info["act_range"] == "minmax" and info["n_student_steps"] == 2 * 4
+    assert all(math.isfinite(v) for v in info["loss_student"][1:] + info["loss_generator"])
+    assert info["loss_student"][1] < 0  # -T^2 * entropy
+    metrics = dfq_bench.evaluate(tiny_bn_net(), qmodel, eval_set())
+    assert math.isfinite(metrics["top1"]) and math.isfinite(metrics["kl_fp32"]) and metrics["n_eval"] == 32
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.l_u=0.05", "method.l_u=0.05 is invalid; valid: a number in [method.l_l=0.1, 1]"),
+    ("method.a_ds=-1", "method.a_ds=-1.0 is invalid; valid: a number >= 0"),
+    ("method.temperature=0", "method.temperature=0.0 is invalid; valid: a number > 0"),
+])
+def test_adadfq_bad_keys_are_one_line_config_errors(override, message):
+    overrides = ["method=adadfq_cpu", override]
+    with pytest.raises(ConfigError) as e:
+        validate_config(compose_cfg(overrides), overrides)
+    assert str(e.value) == message

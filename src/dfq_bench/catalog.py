@@ -9,6 +9,7 @@ from dfq_bench.calib import sources  # noqa: F401  (registers the calibration so
 from dfq_bench.registry import METHODS
 
 METHOD_MODULES = {
+    "adadfq": "dfq_bench.methods.adadfq:AdaDFQ",
     "dfq": "dfq_bench.methods.dfq:DFQ",
     "dummy": "dfq_bench.methods.dummy:Dummy",
     "gdfq": "dfq_bench.methods.gdfq:GDFQ",

@@ -11,7 +11,12 @@ epochs counted from 0 over the whole run, warm-up included). Every random draw c
 ``batch_size``, ``lr_generator``, ``generator_betas``, ``lr_student``, ``momentum``, ``nesterov``,
 ``weight_decay``, ``milestones``, ``lr_gamma``); the losses are the method's ``generator_loss`` and
 ``student_loss`` (``losses``). A method with a ``draw(generator, n, g)`` draws the (z, labels) itself
-(Qimera's soft labels: rows of an (n, C) matrix summing to 1); otherwise ``generator.draw``.
+(Qimera's soft labels: rows of an (n, C) matrix summing to 1); otherwise ``generator.draw``. A method
+with ``student_in_generator_step = True`` (AdaDFQ, GranQ) gets the student's logits on the generated batch,
+NOT detached, as a fourth argument of ``generator_loss``: the generator's gradient then flows through the
+student (its straight-through quantizers) into the generator, and only the generator's parameters are
+updated by that step (the student's gradients are not accumulated). Without it (GDFQ, Qimera) the student
+is not run in the generator step.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class ZeroShotTrainer:
         self.g = torch.Generator().manual_seed(seed)
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.generator_betas))
         self.opt_s: torch.optim.Optimizer | None = None  # made at the first student step
+        self.student_in_generator_step = bool(getattr(losses, "student_in_generator_step", False))
+        self.generator_params = [p for p in generator.parameters() if p.requires_grad]
         self.history: dict[str, list[float]] = {"loss_generator": [], "loss_bns": [], "loss_student": []}
 
     def _set_lr(self, epoch: int) -> None:
@@ -94,10 +101,16 @@ class ZeroShotTrainer:
             x = self.generator(z, y)
             t = self.teacher(x)
             bns = bn_stats_loss(self.hooks.modules, self.hooks.inputs)
-            loss_g = self.losses.generator_loss(t, y, bns)
+            if self.student_in_generator_step:
+                loss_g = self.losses.generator_loss(t, y, bns, self.student(x))
+            else:
+                loss_g = self.losses.generator_loss(t, y, bns)
             self.hooks.check_finite(loss_g, f"{desc} iteration {it}: generator loss")
             self.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            if self.student_in_generator_step:
+                loss_g.backward(inputs=self.generator_params)  # the student's own gradients: not needed here
+            else:
+                loss_g.backward()
             self.opt_g.step()
             lg, ls = float(loss_g.detach()), None
             sums["loss_generator"] += lg
