@@ -216,3 +216,144 @@ def test_adadfq_bad_keys_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as e:
         validate_config(compose_cfg(overrides), overrides)
     assert str(e.value) == message
+
+
+# ---- activation granularity (protocol.a_granularity) ------------------------------------------------
+
+
+def slice_oracle(x, bits, lo, hi):
+    """Fake-quantized ``x`` on the asymmetric unsigned grid of [min(lo, 0), max(hi, 0)], written out."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmax = 2 ** bits - 1
+    s = (hi - lo) / qmax if hi > lo else 1.0
+    z = min(max(-round(lo / s), 0), qmax)
+    return (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s, s
+
+
+def activations(seed=0):
+    """(3 samples, 4 channels, 5 x 5) with a different spread in every (sample, channel) slice, some negative."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.tensor([[0.1, 1.0, 3.0, 0.5], [2.0, 0.2, 0.05, 4.0], [1.0, 1.0, 8.0, 0.3]])
+    return torch.randn(3, 4, 5, 5, generator=g) * spread[:, :, None, None] + 0.3
+
+
+def test_dynamic_quantizer_gives_each_sample_and_channel_its_own_range_and_static_ones_do_not():
+    from dfq_bench.core.modules import ActQuant
+
+    x, bits = activations(), 4
+    dyn = ActQuant(bits, False, "dynamic")
+    dyn.set_range(-100.0, 100.0)  # a static range it must ignore for 4-D inputs
+    per_tensor = ActQuant(bits, False)
+    per_tensor.set_range(float(x.min()), float(x.max()))
+    per_channel = ActQuant(bits, False, "per_channel")
+    per_channel.set_range(x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3)))
+    with torch.no_grad():
+        out_dyn, out_t, out_c = dyn(x), per_tensor(x), per_channel(x)
+    steps = set()
+    for n in range(3):
+        for c in range(4):
+            sl = x[n, c]
+            ref, s = slice_oracle(sl, bits, float(sl.min()), float(sl.max()))
+            assert torch.allclose(out_dyn[n, c], ref, atol=1e-5 * s), (n, c)
+            steps.add(round(s, 6))
+            assert len(torch.unique(out_dyn[n, c])) <= 2 ** bits
+            ref_c, _ = slice_oracle(sl, bits, float(x[:, c].min()), float(x[:, c].max()))
+            assert torch.allclose(out_c[n, c], ref_c, atol=1e-5)
+    assert len(steps) == 12  # twelve slices, twelve ranges
+    ref_t, s_t = slice_oracle(x, bits, float(x.min()), float(x.max()))
+    assert torch.allclose(out_t, ref_t, atol=1e-5)  # one range for every slice
+    err = lambda out: (out - x).abs().amax(dim=(2, 3))  # noqa: E731
+    assert bool((err(out_dyn) <= err(out_t) + 1e-6).all()) and float(err(out_dyn)[1, 2]) < 0.2 * float(err(out_t)[1, 2])
+    x2 = x.clone()
+    x2[0] *= 10  # another sample's values: the dynamic slices of sample 1 do not move
+    with torch.no_grad():
+        assert torch.equal(dyn(x2)[1:], out_dyn[1:])
+    # the training path: the same values (up to a rounding of x + (q - x)), a straight-through gradient
+    xg = x.clone().requires_grad_(True)
+    dyn(xg).sum().backward()
+    assert torch.allclose(dyn(xg).detach(), out_dyn, atol=1e-5) and torch.equal(xg.grad, torch.ones_like(x))
+    xg.grad = None
+    assert torch.allclose(per_channel(xg).detach(), out_c, atol=1e-6)
+    # 2-D inputs (a Linear's) keep the static per-tensor range of a dynamic quantizer
+    dyn.set_range(0.0, 1.5)
+    v = torch.linspace(-0.5, 2.0, 12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.allclose(dyn(v), slice_oracle(v, bits, 0.0, 1.5)[0], atol=1e-6)
+
+
+def test_protocol_granularity_reaches_every_activation_quantizer_and_the_row():
+    from dfq_bench.core.modules import quant_layers
+
+    calib = [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))]
+    out = {}
+    for gran in ("per_tensor", "per_channel", "dynamic"):
+        qmodel, info = dfq_bench.quantize(tiny_bn_net(), "rtn", wbits=4, abits=4, example_input=X, calib=calib,
+                                          protocol_keys={"a_granularity": gran})
+        assert info["a_granularity"] == gran
+        aqs = [ql.act_quant for ql in quant_layers(qmodel).values() if ql.act_quant is not None]
+        assert len(aqs) == 2 and {aq.granularity for aq in aqs} == {gran}  # conv2's input and the Linear's
+        assert aqs[0].scale.shape == ((8,) if gran == "per_channel" else ())
+        with torch.no_grad():
+            out[gran] = qmodel(calib[0])
+    assert not torch.equal(out["per_tensor"], out["dynamic"]) and not torch.equal(out["per_tensor"], out["per_channel"])
+
+
+def test_granularity_refusals_are_one_line_before_any_model_is_built():
+    def refused(*overrides):
+        with pytest.raises(ConfigError) as e:
+            validate_config(compose_cfg(list(overrides)), list(overrides))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert refused("method=rtn", "protocol.a_granularity=per_channel", "protocol.act_range=percentile") == (
+        "protocol.a_granularity='per_channel' is not supported by act_range rule 'percentile' (it gives one range "
+        "per tensor); valid: protocol.a_granularity=per_tensor|dynamic, or protocol.act_range=minmax")
+    assert refused("method=genie_cpu", "data=genie_cpu", "protocol.a_granularity=dynamic").startswith(
+        "protocol.a_granularity='dynamic' is not supported by method genie")
+    for ok in (["method=rtn", "protocol.a_granularity=per_channel"],
+               ["method=squant", "protocol.a_granularity=dynamic"],
+               ["method=rtn", "protocol.a_granularity=dynamic", "abits=null", "deploy=onnxruntime"]):
+        validate_config(compose_cfg(ok), ok)
+
+
+def test_dynamic_ranges_with_deploy_exit_2_with_one_line_and_no_row(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from helpers import cli
+
+    out = tmp_path / "results"
+    proc = cli(["method=rtn", "model=test_cnn", "dataset=fake", "protocol.a_granularity=dynamic", "deploy=onnxruntime",
+                f"results_dir={out}"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: protocol.a_granularity='dynamic' is invalid with deploy=onnxruntime: dynamic activation ranges "
+        "(min/max of every sample and channel, recomputed at every call, test time too) have no fixed integer "
+        "scale; valid: protocol.a_granularity=per_tensor, or deploy=null"]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"^protocol.a_granularity='per_channel' is invalid with deploy=onnxruntime"):
+        validate_config(compose_cfg(["method=rtn", "protocol.a_granularity=per_channel", "deploy=onnxruntime"]))
+
+
+def test_existing_run_ids_are_unchanged():
+    """Committed rows (made before a_granularity took more than per_tensor) keep their run_ids: recomputed from
+    the command each row gives (its own, or the one rebuilt from its fields), and the golden value of one."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    from dfq_bench.run.command import row_command
+    from dfq_bench.run.runner import run_id
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    checked = 0
+    for name in ("mixed_precision", "deploy", "squant_embedded"):
+        rows = [json.loads(line) for line in (results / name / "runs.jsonl").read_text().splitlines() if line.strip()]
+        row = next(r for r in rows if r.get("status") == "ok" and r["protocol"]["a_granularity"] == "per_tensor")
+        cmd = row_command(row)
+        assert cmd is not None, name
+        assert run_id(compose_cfg(shlex.split(cmd)[3:])) == row["run_id"], name
+        checked += 1
+    assert checked == 3
+    golden = ["model=resnet20_fmnist", "dataset=fashion_mnist", "method=rtn", "protocol=common", "data=noise",
+              "wbits=4", "abits=8", "seed=0", "mp.allocator=dp", "mp.avg_wbits=2.5"]
+    assert run_id(compose_cfg(golden)) == "475c03fe0cc1a7c4"  # results/mixed_precision's first row
+    assert run_id(compose_cfg([*golden, "protocol.a_granularity=dynamic"])) != "475c03fe0cc1a7c4"

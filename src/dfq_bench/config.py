@@ -32,6 +32,14 @@ class Granularity(str, Enum):
     per_channel = "per_channel"
 
 
+class AGranularity(str, Enum):
+    """Activation ranges (``core.modules.ActQuant``): static per tensor or per channel, or dynamic."""
+
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"  # one static range per channel (minmax rule)
+    dynamic = "dynamic"  # per (sample, channel) min/max over H x W at every call, test time too (GranQ's)
+
+
 class WRange(str, Enum):
     """The range an asymmetric weight grid covers (``core.grid.weight_grid``)."""
 
@@ -72,7 +80,7 @@ class ProtocolConfig:
     w_granularity: Granularity = Granularity.per_channel
     w_symmetric: bool = False
     w_range: WRange = WRange.include_zero  # asymmetric weights only; squant_paper: minmax
-    a_granularity: Granularity = Granularity.per_tensor
+    a_granularity: AGranularity = AGranularity.per_tensor  # per_tensor | per_channel | dynamic
     a_symmetric: bool = False
     fold_bn: bool = True
     quantize_first_input: bool = False  # quantize the network input (first layer's input)?
@@ -183,10 +191,6 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     p = cfg.protocol
     for key in ("first_wbits", "last_wbits", "last_abits"):
         _check_bits(f"protocol.{key}", p[key], allow_none=True)
-    if p.a_granularity != Granularity.per_tensor:
-        raise ConfigError(
-            f"protocol.a_granularity={p.a_granularity.value!r} is not supported; valid: per_tensor"
-        )
     if p.w_range == WRange.minmax and p.w_symmetric:
         raise ConfigError("protocol.w_range='minmax' is invalid with protocol.w_symmetric=true (a symmetric "
                           "grid is set by max|w|); valid: include_zero, or w_symmetric=false")
@@ -239,10 +243,32 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     if bad or not cfg.dataset.scales:
         raise ConfigError(f"dataset.scales={list(cfg.dataset.scales)!r} is invalid; valid: a non-empty list of "
                           "crop scales in (0, 1]")
-    plugin_config(METHODS.get(cfg.method.name), cfg.method, "method")
+    method_cls = METHODS.get(cfg.method.name)
+    method_cfg = plugin_config(method_cls, cfg.method, "method")
+    if cfg.abits is not None:
+        _check_a_granularity(method_cls(method_cfg), p, cfg.get("deploy"))
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
     if cfg.get("mp") is not None:
         check_mp(cfg.mp, cfg.wbits, cfg.get("deploy"), METHODS.get(cfg.method.name))
+
+
+def _check_a_granularity(method: Any, p: DictConfig, deploy: str | None) -> None:
+    """The run's activation granularity (the protocol's, or the method's own quantizer's) is one the method
+    and its range rule honour, and one the deployed-integer check can export (one static range per tensor)."""
+    from dfq_bench.core.ranges import check_granularity
+
+    gran = method.activation_granularity(p)
+    key = "protocol.a_granularity" if gran == p.a_granularity.value else "method.a_granularity"
+    if gran not in method.a_granularities:
+        raise ConfigError(f"{key}={gran!r} is not supported by method {method.name} (its activation quantizers are "
+                          f"its own); valid: {', '.join(method.a_granularities)}")
+    check_granularity(p.act_range or method.default_act_range, gran)
+    if deploy is not None and gran != AGranularity.per_tensor.value:
+        why = ("dynamic activation ranges (min/max of every sample and channel, recomputed at every call, test time "
+               "too) have no fixed integer scale" if gran == "dynamic" else
+               "the exported activation QuantizeLinear takes one scale per tensor")
+        raise ConfigError(f"{key}={gran!r} is invalid with deploy={deploy}: {why}; valid: {key}=per_tensor, or "
+                          "deploy=null")
 
 
 def check_mp(mp, wbits: int, deploy: str | None = None, method_cls: Any = None) -> None:

@@ -6,7 +6,8 @@ Conventions (those of SQuant, ZeroQ and GENIE, see shared/docs/methods.md):
 - Weights use a signed grid [-2^(b-1), 2^(b-1) - 1]. Asymmetric: scale = (max - min) / (2^b - 1) over
   a range widened to include 0 (``protocol.w_range=minmax``: the channel's [min, max] as is, SQuant's
   reference grid). Symmetric: scale = max|w| / (2^(b-1) - 1), zero-point 0.
-- Activations are per tensor. A non-negative range uses the unsigned grid [0, 2^b - 1]; a signed one
+- Activations are per tensor (or per channel, or per sample and channel: ``protocol.a_granularity``, the
+  same grid with tensor ranges). A non-negative range uses the unsigned grid [0, 2^b - 1]; a signed one
   uses the signed grid when symmetric, and the unsigned grid with a zero-point when asymmetric.
 - torch.round rounds exact .5 ties to even (the paper-era SQuant kernel rounded them up).
 
@@ -94,9 +95,12 @@ def weight_grid(w: Tensor, bits: int, per_channel: bool, symmetric: bool, includ
     return grid_from_range(lo, hi, bits, symmetric, signed=True, include_zero=include_zero)
 
 
-def activation_grid(lo: float, hi: float, bits: int, symmetric: bool) -> Grid:
-    signed = symmetric and lo < 0
-    return grid_from_range(torch.tensor(lo), torch.tensor(hi), bits, symmetric, signed)
+def activation_grid(lo, hi, bits: int, symmetric: bool) -> Grid:
+    """The activation grid of [lo, hi]: floats (per tensor) or tensors (one range per channel, or per sample
+    and channel: ``protocol.a_granularity``). Signed only when symmetric and some range reaches below 0."""
+    lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+    signed = symmetric and bool((lo < 0).any())
+    return grid_from_range(lo, hi, bits, symmetric, signed)
 
 
 # ---------------------------------------------------------------------------------------------

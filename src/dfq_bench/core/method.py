@@ -109,6 +109,7 @@ class Method:
     w_ranges = ("include_zero", "minmax")  # protocol.w_range values the method's weight grid honours
     weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
     mp_refusal: str | None = None  # why this method cannot take a mixed-precision plan (``mp.allocator``)
+    a_granularities = ("per_tensor", "per_channel", "dynamic")  # activation granularities its quantizers honour
 
     @dataclass
     class Config:
@@ -124,6 +125,12 @@ class Method:
 
     def act_range(self, ctx: QuantContext) -> str:
         return ctx.protocol.act_range or self.default_act_range
+
+    def activation_granularity(self, protocol) -> str:
+        """The activation granularity of this run (``core.modules.ActQuant``): the protocol's
+        ``a_granularity``; a method with its own activation quantizer (GranQ) may choose its own."""
+        g = getattr(protocol, "a_granularity", "per_tensor")
+        return str(getattr(g, "value", g))
 
     def needs_graph(self, ctx: QuantContext) -> bool:
         """Whether this run needs the traced layer graph (the runner refuses an untraceable model
@@ -214,9 +221,12 @@ class Method:
         state.info["act_range"] = rule if ctx.abits is not None else None
         if ctx.abits is None:
             return
+        granularity = self.activation_granularity(ctx.protocol)
         state.info.update(calibrate_activations(
             state.model, state.plans, rule, ctx.protocol, state.batches(), float_model=state.float_model,
-            bn_sources=self.bn_sources(state), rule_options=self.rule_options(rule, state)))
+            bn_sources=self.bn_sources(state), rule_options=self.rule_options(rule, state),
+            granularity=granularity))
+        state.info["a_granularity"] = granularity
 
     def rule_options(self, rule: str, state: QuantState) -> dict:
         """Keyword options for the range rule's constructor (SQuant passes its k table)."""

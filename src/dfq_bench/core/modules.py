@@ -1,5 +1,6 @@
-"""Quantizer modules: the activation fake-quantizer, the quantized layer wrapper, and the baked weight
-quantizer (levels written into the weights). Trainable ones (STE, AdaRound, LSQ) are in ``learn.py``.
+"""Quantizer modules: the activation fake-quantizer (per tensor, per channel or dynamic), the quantized
+layer wrapper, and the baked weight quantizer (levels written into the weights). Trainable ones (STE,
+AdaRound, LSQ) are in ``learn.py``.
 """
 
 from __future__ import annotations
@@ -36,17 +37,29 @@ def first_nonfinite(model: nn.Module, x: Tensor) -> str | None:
     return found[0] if found else None
 
 
+A_GRANULARITIES = ("per_tensor", "per_channel", "dynamic")  # protocol.a_granularity
+
+
 class ActQuant(nn.Module):
-    """Per-tensor activation fake-quantizer with three states.
+    """Activation fake-quantizer with three states.
 
     ``observe``: feeds inputs to a range rule and passes them through (or, for a sequential rule,
     sets its range from the first batch and quantizes at once, so that downstream quantizers see
     quantized inputs); ``on``: fake-quantizes; ``off``: identity.
+
+    ``granularity`` (``protocol.a_granularity``): ``per_tensor``, one static range; ``per_channel``, one
+    static range per channel (dim 1), set from per-channel ranges (``set_range`` with tensors);
+    ``dynamic``, the range of every (sample, channel) slice of a 4-D input recomputed from that slice's
+    min/max over H x W at every call, evaluation included (GranQ's released quantizer; the range is not
+    differentiated, the gradient is straight-through); inputs of other ranks (a Linear's) keep the static
+    per-tensor range calibrated as for ``per_tensor``. All three use ``core.grid.activation_grid``.
     """
 
-    def __init__(self, bits: int, symmetric: bool):
+    def __init__(self, bits: int, symmetric: bool, granularity: str = "per_tensor"):
         super().__init__()
-        self.bits, self.symmetric = bits, symmetric
+        if granularity not in A_GRANULARITIES:
+            raise ValueError(f"activation granularity {granularity!r} is unknown; valid: {', '.join(A_GRANULARITIES)}")
+        self.bits, self.symmetric, self.granularity = bits, symmetric, granularity
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.qmin, self.qmax = qrange(bits, False)
@@ -55,11 +68,20 @@ class ActQuant(nn.Module):
         self.rule = None
         self.name = ""  # the layer it feeds, for error messages
 
-    def set_range(self, lo: float, hi: float) -> None:
+    def set_range(self, lo, hi) -> None:
+        """The static range: floats, or (per_channel) tensors of one value per channel."""
         grid = activation_grid(lo, hi, self.bits, self.symmetric)
-        self.lo, self.hi = float(lo), float(hi)
-        self.scale.fill_(float(grid.scale))
-        self.zero_point.fill_(int(grid.zero_point))
+        if torch.is_tensor(lo) and lo.numel() > 1:
+            if self.granularity != "per_channel":
+                raise ValueError(f"a {self.granularity} activation quantizer takes one static range, not one per "
+                                 "channel")
+            self.lo, self.hi = float(lo.min()), float(hi.max())
+            self.scale = grid.scale.detach().to(self.scale.device, torch.float32).reshape(-1).clone()
+            self.zero_point = grid.zero_point.detach().to(self.scale.device, torch.int32).reshape(-1).clone()
+        else:
+            self.lo, self.hi = float(lo), float(hi)
+            self.scale.fill_(float(grid.scale))
+            self.zero_point.fill_(int(grid.zero_point))
         self.qmin, self.qmax = grid.qmin, grid.qmax
         self.state = "on"
 
@@ -77,12 +99,37 @@ class ActQuant(nn.Module):
             self.set_range(*self.rule.range())
             self.rule = None
         if self.state == "on":
+            if self.granularity == "dynamic" and x.dim() == 4:
+                return self._fake_quant_dynamic(x)
+            if self.scale.dim() == 1:
+                return self._fake_quant_per_channel(x)
             if x.requires_grad and torch.is_grad_enabled():  # straight-through gradient
                 return torch.fake_quantize_per_tensor_affine(
                     x, self.scale, self.zero_point, self.qmin, self.qmax
                 )
             return self._fake_quant_eval(x)
         return x
+
+    def _fake_quant_per_channel(self, x: Tensor) -> Tensor:
+        """Per channel (dim 1): ``torch.fake_quantize_per_channel_affine``'s values (x * (1/s) rounded half to
+        even, + z, clamped, - z, * s) with its straight-through gradient; in place without one."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 1, self.qmin, self.qmax)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        s = self.scale.to(x.dtype).reshape(shape)
+        z = self.zero_point.to(x.dtype).reshape(shape)
+        return torch.mul(x, 1.0 / s).round_().add_(z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
+
+    def _fake_quant_dynamic(self, x: Tensor) -> Tensor:
+        """Each (sample, channel) slice on the grid of its own min/max over H x W (``activation_grid``), computed
+        now; the range is not differentiated, the gradient is straight-through (identity)."""
+        xd = x.detach()
+        grid = activation_grid(xd.amin(dim=(2, 3), keepdim=True), xd.amax(dim=(2, 3), keepdim=True), self.bits,
+                               self.symmetric)
+        out = grid.fake(xd)
+        if x.requires_grad and torch.is_grad_enabled():
+            return x + (out - xd)
+        return out
 
     def _fake_quant_eval(self, x: Tensor) -> Tensor:
         """The same values as ``torch.fake_quantize_per_tensor_affine`` (x * (1/s) rounded half to even,
@@ -99,7 +146,8 @@ class ActQuant(nn.Module):
         return y.mul_(s)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, state={self.state}, range=[{self.lo:.4g}, {self.hi:.4g}]"
+        gran = "" if self.granularity == "per_tensor" else f", {self.granularity}"
+        return f"bits={self.bits}{gran}, state={self.state}, range=[{self.lo:.4g}, {self.hi:.4g}]"
 
 
 class QuantLayer(nn.Module):

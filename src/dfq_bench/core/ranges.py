@@ -22,18 +22,26 @@ _MAX_QUANTILE_ELEMS = 1 << 24  # torch.quantile's input limit
 
 
 class MinMax:
-    """Running min/max over all calibration batches."""
+    """Running min/max over all calibration batches; ``per_channel``: one per channel (dim 1), as tensors."""
 
     sequential = False
+    channel_ranges = True  # can give one range per channel (protocol.a_granularity=per_channel)
 
-    def __init__(self, bits: int, protocol=None):
+    def __init__(self, bits: int, protocol=None, per_channel: bool = False):
         self.lo, self.hi = float("inf"), float("-inf")
+        self.per_channel = per_channel
 
     def update(self, x: Tensor) -> None:
+        if self.per_channel:
+            dims = [d for d in range(x.dim()) if d != 1]
+            lo, hi = x.detach().amin(dim=dims), x.detach().amax(dim=dims)
+            self.lo = lo if not torch.is_tensor(self.lo) else torch.minimum(self.lo, lo)
+            self.hi = hi if not torch.is_tensor(self.hi) else torch.maximum(self.hi, hi)
+            return
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
 
-    def range(self) -> tuple[float, float]:
+    def range(self) -> tuple[float, float] | tuple[Tensor, Tensor]:
         return self.lo, self.hi
 
 
@@ -64,6 +72,19 @@ RANGE_RULES.register("bn", MinMax)  # data fallback of the BN rule; see calibrat
 RANGE_RULES.register_lazy("squant", "dfq_bench.methods.squant:SquantRange")
 
 
+def check_granularity(rule: str, granularity: str) -> None:
+    """Raises a one-line ``ConfigError`` if ``rule`` cannot give ``granularity``'s static ranges: per-channel
+    ranges need a rule with ``channel_ranges`` (minmax); the ``bn`` rule's BN ranges are per tensor."""
+    if granularity != "per_channel":
+        return
+    if rule == "bn" or not getattr(RANGE_RULES.get(rule), "channel_ranges", False):
+        from dfq_bench.config import ConfigError
+
+        raise ConfigError(f"protocol.a_granularity='per_channel' is not supported by act_range rule {rule!r} (it "
+                          "gives one range per tensor); valid: protocol.a_granularity=per_tensor|dynamic, or "
+                          "protocol.act_range=minmax")
+
+
 def bn_range(bn: nn.Module, act: str | None, n_std: float = 6.0) -> tuple[float, float]:
     """DFQ's data-free range of BN(x) (after its ReLU/ReLU6, if any): beta +- n_std * |gamma|."""
     gamma, beta = bn.weight.detach().abs(), bn.bias.detach()
@@ -84,6 +105,7 @@ def calibrate_activations(
     float_model: nn.Module | None = None,
     bn_sources: dict | None = None,
     rule_options: dict | None = None,
+    granularity: str | None = None,
 ) -> dict:
     """Puts an ``ActQuant`` in front of every layer the plan gives input bits, and sets its range.
 
@@ -95,11 +117,19 @@ def calibrate_activations(
             ``bn`` rule, used instead of tracing ``float_model`` (DFQ passes the BN statistics as
             its equalization and bias absorption rescaled them).
         rule_options: keyword options for the rule's constructor (e.g. SQuant's k table).
+        granularity: ``per_tensor``, ``per_channel`` or ``dynamic`` (``core.modules.ActQuant``); None: the
+            protocol's ``a_granularity``. ``dynamic`` quantizers are calibrated as ``per_tensor`` ones (the
+            static range serves their inputs that are not 4-D).
 
     Returns:
         Counts for the result row: quantizers set by BN statistics and by data.
     """
     rule_cls = RANGE_RULES.get(rule)
+    if granularity is None:
+        granularity = getattr(protocol, "a_granularity", "per_tensor")
+        granularity = str(getattr(granularity, "value", granularity))
+    check_granularity(rule, granularity)
+    options = {**(rule_options or {}), **({"per_channel": True} if granularity == "per_channel" else {})}
     wrapped = quant_layers(qmodel)
     bn_src = {}
     if rule == "bn" and bn_sources is not None:
@@ -110,14 +140,14 @@ def calibrate_activations(
     for p in plans:
         if p.a_bits is None:
             continue
-        aq = ActQuant(p.a_bits, protocol.a_symmetric)
+        aq = ActQuant(p.a_bits, protocol.a_symmetric, granularity)
         aq.name = p.name
         wrapped[p.name].act_quant = aq
         if p.name in bn_src:
             aq.set_range(*bn_range(*bn_src[p.name]))
             n_bn += 1
         else:
-            aq.rule, aq.state = rule_cls(p.a_bits, protocol, **(rule_options or {})), "observe"
+            aq.rule, aq.state = rule_cls(p.a_bits, protocol, **options), "observe"
             observing.append(aq)
     if observing:
         if not batches:
@@ -129,7 +159,8 @@ def calibrate_activations(
                     break  # one pass sets every range (the reference uses a single batch)
         for aq in observing:
             if aq.state == "observe":
-                if aq.rule.range()[0] == float("inf"):
+                lo = aq.rule.range()[0]
+                if not torch.is_tensor(lo) and lo == float("inf"):
                     raise RuntimeError(f"the activation quantizer of layer {aq.name} saw no data during "
                                        "calibration (the layer was not called)")
                 aq.set_range(*aq.rule.range())

@@ -116,6 +116,10 @@ def act_params(name: str, aq: ActQuant) -> ActParams:
     if aq.state != "on":
         raise ExportError(f"cannot export layer {name!r}: its activation quantizer is {aq.state!r}, "
                           "not calibrated ('on')")
+    if getattr(aq, "granularity", "per_tensor") != "per_tensor":  # validate_config refuses such runs; the API not
+        raise ExportError(f"cannot export layer {name!r} for integer execution: its activation ranges are "
+                          f"{aq.granularity} (protocol.a_granularity); the exported QuantizeLinear takes one fixed "
+                          "scale per tensor")
     shift = 128 if aq.qmin < 0 else 0
     zp = int(aq.zero_point) + shift
     qmin, qmax = aq.qmin + shift, aq.qmax + shift
