@@ -2,6 +2,7 @@
 and the atomic file writer."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from dfq_bench.results import (
     fields,
     read_rows,
     report,
+    row_problem,
     schema_table,
 )
 from dfq_bench.run import loggers
@@ -91,3 +93,48 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp_file_on_failure(tm
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, half_then_fail)
     assert path.read_text() == "one" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
+
+
+class _Int(int):  # not the exact type json gives: row_problem's fast path leaves it to the detailed checks
+    pass
+
+
+def _usable(row) -> bool:
+    """What the reporter can use, written out from its rules (results.row_problem's docstring and NEEDED)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(row, dict) or any(f not in row for f in ("run_id", "status", "model", "dataset", "method",
+                                                                 "wbits", "abits", "seed")):
+        return False
+    if not isinstance(row["run_id"], str) or not all(isinstance(row[f], int) and not isinstance(row[f], bool)
+                                                     for f in ("wbits", "seed")):
+        return False
+    if row["abits"] is not None and not (isinstance(row["abits"], int) and not isinstance(row["abits"], bool)):
+        return False
+    if not all(row.get(f) is None or number(row.get(f)) for f in fields("metrics", "timing")):
+        return False
+    return not (row["status"] == "ok" and row.get("top1") is None)
+
+
+def test_row_problem_accepts_exactly_the_usable_rows_and_says_why_for_the_others():
+    rng = random.Random(0)
+    base = {"run_id": "r", "status": "ok", "model": "m", "dataset": "d", "method": "rtn", "wbits": 4, "abits": 8,
+            "seed": 0, "top1": 50.0, "top5": 60.0, "kl_fp32": 0.1, "n_eval": 100, "t_quant_s": 0.5}
+    odd = [None, True, False, "4", 4, 4.0, _Int(4), [4], {"x": 4}, -0.0, 10**30]
+    seen = {True: 0, False: 0}
+    for _ in range(5000):
+        row = dict(base)
+        for _ in range(rng.randrange(4)):
+            key = rng.choice([*base, "top1_fp32", "t_total_s", "peak_rss_mb", "weights"])
+            if rng.random() < 0.2:
+                row.pop(key, None)
+            else:
+                row[key] = rng.choice([*odd, "ok", "failed"]) if key == "status" else rng.choice(odd)
+        problem = row_problem(row)
+        assert (problem is None) == _usable(row), (row, problem)
+        assert problem is None or (isinstance(problem, str) and problem)
+        seen[problem is None] += 1
+    assert min(seen.values()) > 500  # both kinds were drawn
+    for value in ([1], "row", None, 3):
+        assert row_problem(value).startswith("not a JSON object but ")

@@ -166,8 +166,21 @@ def _kind(v) -> str:
     return _KINDS.get(type(v), type(v).__name__)
 
 
+_NEEDED_SET = frozenset(NEEDED)
+_NUMBER_TYPES = frozenset((int, float, type(None)))
+_INT_OR_NULL = frozenset((int, type(None)))
+
+
 def row_problem(row) -> str | None:
     """Why the reporter cannot use ``row`` (a parsed JSON value), or None if it can."""
+    # A row as the runner writes it passes these exact-type checks, set operations at C speed (a third of the
+    # time of the checks below, which took 0.2 s of the reporter's 4 at 100,000 rows); any other row gets the
+    # checks below, which say why. They accept no row that those reject (exact types: a bool is no int here).
+    if (type(row) is dict and row.keys() >= _NEEDED_SET and type(row["run_id"]) is str
+            and type(row["wbits"]) is int and type(row["seed"]) is int and type(row["abits"]) in _INT_OR_NULL
+            and _NUMBER_TYPES.issuperset(map(type, map(row.get, NUMBERS)))
+            and (row["status"] != "ok" or row.get("top1") is not None)):
+        return None
     if not isinstance(row, dict):
         return f"not a JSON object but {_kind(row)}"
     missing = [f for f in NEEDED if f not in row]

@@ -37,12 +37,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dfq_bench.results import LastOk, fields, row_problem
-
-FAILED_COLUMNS = ("run_id", "model", "dataset", "method", "bits", "seed", "error")
 
 
 def bits_label(wbits, abits) -> str:
@@ -52,6 +49,14 @@ def bits_label(wbits, abits) -> str:
 def bits_order(wbits, abits) -> tuple:
     """Weight-only first (W2A32, W3A32, ...), then weight+activation (W4A4, W4A8, W6A6, ...)."""
     return (abits is not None, int(wbits), int(abits) if abits is not None else 0)
+
+
+def rid_of(row: dict) -> str:
+    return str(row.get("run_id"))
+
+
+def _number(v) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -77,12 +82,7 @@ def _failed_order(row: dict) -> tuple:
         bits = bits_order(row.get("wbits"), row.get("abits"))
     except (TypeError, ValueError):
         bits = (True, 99, 99)
-    return (str(row.get("model")), str(row.get("dataset")), str(row.get("method")), bits, str(row.get("seed")),
-            rid_of(row))
-
-
-def rid_of(row: dict) -> str:
-    return str(row.get("run_id"))
+    return tuple(str(row.get(k)) for k in ("model", "dataset", "method")) + (bits, str(row.get("seed")), rid_of(row))
 
 
 # --- pooling -----------------------------------------------------------------------------------
@@ -106,9 +106,8 @@ def _settings(rows: list[dict]) -> tuple[list[int], list[tuple]]:
     the first few of its method, and made hashable (``_frozen``) only where none is equal."""
     codes, index, distinct, seen = [], {}, [], {}
     for r in rows:
-        sig = tuple(map(r.get, SIG_FIELDS))  # rows from an older schema lack some: None
-        method = (str(r["model"]), str(r["dataset"]), str(r["method"]))
-        known = seen.setdefault(method, [])
+        sig, method = tuple(map(r.get, SIG_FIELDS)), (str(r["model"]), str(r["dataset"]), str(r["method"]))
+        known = seen.setdefault(method, [])  # rows from an older schema lack some SIG_FIELDS: None
         for s, c in known:
             if s == sig:
                 code = c
@@ -127,134 +126,85 @@ def _frozen(v):
     """A hashable stand-in for the JSON value ``v``, equal to another one's where the values are equal."""
     if isinstance(v, dict):
         return dict, tuple(sorted((k, _frozen(x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)):
-        return list, tuple(map(_frozen, v))
-    return v
+    return (list, tuple(map(_frozen, v))) if isinstance(v, (list, tuple)) else v
 
 
 def _facets(sig: tuple) -> dict:
-    """What else identifies a result besides KEY_FIELDS; ``sig`` holds the values of SIG_FIELDS."""
+    """What else identifies a result besides KEY_FIELDS (``sig``: the values of SIG_FIELDS): a config block
+    gives its preset name and a facet per key, another field itself; JSON scalars as they are, else repr."""
     d = {}
     for name, node in zip(SIG_FIELDS, sig, strict=True):
         prefix = _SHORT.get(name, name)
         if isinstance(node, dict):
             if name != "method_cfg":  # the method's name is in the key already
-                d[prefix] = _scalar(node.get("name"))
-            for k, v in node.items():
-                if k != "name":
-                    d[f"{prefix}.{k}"] = _scalar(v)
+                d[prefix] = node.get("name")
+            d.update((f"{prefix}.{k}", v) for k, v in node.items() if k != "name")
         elif name not in _BLOCKS:  # a null block (no calibration data) adds nothing
-            d[prefix] = _scalar(node)
-    return d
-
-
-def _scalar(v):
-    """``v`` if it is a JSON scalar, else its repr: facet values are set members and labels."""
-    return v if v is None or isinstance(v, (str, int, float)) else repr(v)
-
-
-def _variant_keys(facets: list[dict], cells: list[tuple]) -> list[str]:
-    """Facet keys that take several values inside one cell, reduced to the preset names
-    (``protocol``, ``data``) when those already tell the variants apart."""
-    values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-    for f, cell in zip(facets, cells, strict=True):
-        for k, v in f.items():
-            values[cell][k].add(v)
-    varying = sorted({k for per_cell in values.values() for k, vs in per_cell.items() if len(vs) > 1})
-    keep = set(varying)
-    for prefix in ("protocol", "data"):
-        within = [k for k in varying if k.startswith(prefix + ".")]
-        if prefix in keep and within:
-            determined = all(len({tuple(f.get(k) for k in within) for f in facets if f.get(prefix) == name}) == 1
-                             for name in {f.get(prefix) for f in facets})
-            if determined:
-                keep -= set(within)
-    return sorted(keep)
+            d[prefix] = node
+    return {k: v if v is None or isinstance(v, (str, int, float)) else repr(v) for k, v in d.items()}
 
 
 def _labels(distinct: list[tuple], runs: pd.DataFrame) -> list[str]:
-    """The variant label of each setting code: its method and the facets that vary inside a cell of it."""
-    facets = [_facets(sig) for *_, sig in distinct]
-    by_method = defaultdict(list)
+    """The variant label of each setting code: its method and the facets that take several values inside one
+    cell of it, reduced to the preset names (``protocol``, ``data``) where those already tell them apart."""
+    facets, by_method = [_facets(sig) for *_, sig in distinct], defaultdict(list)
     for code, w, a in runs[["code", "wbits", "abits"]].drop_duplicates().itertuples(index=False):
         by_method[distinct[code][:3]].append((code, (w, None if a != a else a)))
     labels = [""] * len(distinct)
     for (*_, method), items in by_method.items():
-        keys = _variant_keys([facets[c] for c, _ in items], [cell for _, cell in items])
+        values, fs = defaultdict(set), [facets[c] for c, _ in items]
+        for (_, cell), f in zip(items, fs, strict=True):
+            for k, v in f.items():
+                values[cell, k].add(v)
+        keep = {k for (_, k), vs in values.items() if len(vs) > 1}
+        for prefix in ("protocol", "data"):
+            within = sorted(k for k in keep if k.startswith(prefix + "."))
+            if prefix in keep and within and all(
+                    len({tuple(f.get(k) for k in within) for f in fs if f.get(prefix) == name}) == 1
+                    for name in {f.get(prefix) for f in fs}):
+                keep -= set(within)
         for c, _ in items:
-            labels[c] = " ".join([method, *(f"{k}={facets[c][k]}" for k in keys if facets[c].get(k) is not None)])
+            labels[c] = " ".join([method, *(f"{k}={facets[c][k]}" for k in sorted(keep)
+                                            if facets[c].get(k) is not None)])
     return labels
-
-
-def _numbers(col: pd.Series) -> pd.Series:
-    """The column as floats; NaN for a missing, null or non-number value (``_number``)."""
-    return col.astype(float) if col.dtype.kind in "iuf" else col.map(_number).astype(float)
-
-
-def _number(v) -> float | None:
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     """Pools ok rows over seeds: a line per cell (CELL_KEYS, ``bits``, ``bits_order``, ``n`` runs, ``n_seeds``,
-    ``<metric>_mean`` and ``_std``, ``paper_top1``, ``paper_fp32``, ``paper_source``, its ``rows`` in file
-    order), sorted by model, dataset, variant and bit setting; and the warnings."""
+    ``<metric>_mean`` and ``_std``, its ``rows`` in file order, ``paper_top1``, ``paper_fp32``, ``paper_source``),
+    sorted by model, dataset, variant and bit setting; and the warnings. The mean is over the runs that have a
+    value, an exactly rounded sum (math.fsum: pandas' is not quite, and the page shows means in full); the sample
+    std needs two."""
     codes, distinct = _settings(rows)
-    runs = pd.DataFrame(rows, columns=["wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS])
-    for f in (*VALUE_FIELDS, *SIZE_FIELDS):
-        runs[f] = _numbers(runs[f])
-    runs["delta_top1"] = runs.top1 - runs.top1_fp32
-    runs["size"] = runs.eff_wbits.fillna(runs.rex_eff_wbits)
-    runs["code"] = codes
+    runs = pd.DataFrame(rows, columns=["wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS, "paper"])
+    runs = runs.assign(**{f: (runs[f] if runs[f].dtype.kind in "iuf" else runs[f].map(_number)).astype(float)
+                          for f in (*VALUE_FIELDS, *SIZE_FIELDS)}, code=codes, row=pd.Series(rows, dtype=object))
+    runs = runs.assign(delta_top1=runs.top1 - runs.top1_fp32, size=runs.eff_wbits.fillna(runs.rex_eff_wbits))
     settings = pd.DataFrame([d[:3] for d in distinct], columns=CELL_KEYS[:3]).assign(variant=_labels(distinct, runs))
-    runs = runs.join(settings, on="code")
-    groups = runs.groupby(CELL_KEYS, sort=False, dropna=False)
-    cell = groups.ngroup().to_numpy()
-    cells = groups.size().rename("n").reset_index().assign(n_seeds=groups["seed"].nunique().to_numpy())
-    cells = pd.concat([cells, _pooled(runs[list(METRICS)], cell, len(cells))], axis=1).rename_axis("cell")
-    cells["abits"] = pd.Series([None if a != a else int(a) for a in cells.abits], index=cells.index, dtype=object)
+    groups = runs.join(settings, on="code").groupby(CELL_KEYS, sort=False, dropna=False)
+    cell, values = groups.ngroup().to_numpy(), runs[list(METRICS)]
+    mean = values.fillna(0.0).groupby(cell).agg(math.fsum) / values.groupby(cell).count()
+    cells = pd.concat([groups.size().rename("n").reset_index(), groups.seed.nunique().rename("n_seeds").reset_index(
+        drop=True), mean.add_suffix("_mean"), values.groupby(cell).std().add_suffix("_std")], axis=1)
+    cells["abits"] = pd.Series([None if a != a else int(a) for a in cells.abits], dtype=object)
     wa = list(zip(cells.wbits, cells.abits, strict=True))
     rank = {k: i for i, k in enumerate(sorted(set(wa), key=lambda k: bits_order(*k)))}
     cells["bits"], cells["bits_order"] = [bits_label(*k) for k in wa], [rank[k] for k in wa]
-    members = [[] for _ in range(len(cells))]
-    for r, c in zip(rows, cell.tolist(), strict=True):
-        members[c].append(r)
-    cells["rows"] = pd.Series(members, index=cells.index, dtype=object)
-    papers = [_paper(rs, m, b) for rs, m, b in zip(members, cells.method, cells.bits, strict=True)]
-    for i, name in enumerate(("paper_top1", "paper_fp32", "paper_source")):
-        cells[name] = pd.Series([p[i] for p in papers], index=cells.index, dtype=float if i < 2 else object)
+    cells["rows"] = groups.row.agg(list).to_numpy()
+    papers = [_paper(*c) for c in zip(groups.paper.agg(list), cells.method, cells.bits, strict=True)]
+    papers = pd.DataFrame(papers, columns=["paper_top1", "paper_fp32", "paper_source"], dtype=object)
+    cells = cells.join(papers.astype({"paper_top1": float, "paper_fp32": float})).rename_axis("cell")
     pooled = cells[cells.n != cells.n_seeds].sort_values(["model", "dataset", "method", "cell"])
     warnings = [f"{c.model}/{c.dataset} {c.variant} {c.bits}: {c.n} runs for {c.n_seeds} seeds (runs differing "
                 "in unrecorded settings are pooled)" for c in pooled.itertuples()]
     return cells.sort_values(["model", "dataset", "variant", "bits_order"], ignore_index=True), warnings
 
 
-def _pooled(values: pd.DataFrame, cell: np.ndarray, n_cells: int) -> pd.DataFrame:
-    """``<column>_mean`` and ``_std`` (sample std) of each column of ``values`` per ``cell`` over the runs that
-    have a value (NaN for none; the std for one). The means are exactly rounded sums (math.fsum) over each
-    cell's runs, as pandas' are not quite: the page shows them in full, and a mean of four numbers with two
-    decimals can end in 5 at the third; the stds, shown to 4 decimals at most, are numpy's."""
-    order = np.argsort(cell, kind="stable")
-    x = values.to_numpy(dtype=float)[order]
-    present = ~np.isnan(x)
-    x0 = np.where(present, x, 0.0)
-    bounds = [*np.searchsorted(cell[order], np.arange(n_cells)).tolist(), len(x)]
-    spans = list(zip(bounds, bounds[1:], strict=False))
-    sums = np.array([[math.fsum(col[i:j]) for i, j in spans] for col in x0.T.tolist()]).T.reshape(n_cells, x.shape[1])
-    count = np.array([present[i:j].sum(axis=0) for i, j in spans]).reshape(n_cells, x.shape[1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / count
-        squares = np.where(present, x - mean[cell[order]], 0.0) ** 2
-        std = np.sqrt(np.add.reduceat(squares, bounds[:-1], axis=0) / (count - 1)) if n_cells else mean
-    return pd.DataFrame(np.hstack([mean, np.where(count > 1, std, np.nan)]),
-                        columns=[*(f"{c}_mean" for c in values), *(f"{c}_std" for c in values)])
-
-
-def _paper(rows: list[dict], method: str, label: str) -> tuple[float | None, float | None, str | None]:
+def _paper(blocks: list, method: str, label: str) -> tuple[float | None, float | None, str | None]:
     """(published top-1 of ``method`` at ``label``, published FP32, source) from the rows' paper blocks (the
     last in repr order where they disagree), or Nones."""
     papers = set()
-    for paper in (r["paper"] for r in rows if isinstance(r.get("paper"), dict)):
+    for paper in (p for p in blocks if isinstance(p, dict)):
         top1 = paper.get("top1")
         top1 = top1.get(method) if isinstance(top1, dict) else None
         value, source = top1.get(label) if isinstance(top1, dict) else None, paper.get("source")
@@ -263,7 +213,7 @@ def _paper(rows: list[dict], method: str, label: str) -> tuple[float | None, flo
     return sorted(papers, key=repr)[-1] if papers else (None, None, None)
 
 
-# --- pivots ------------------------------------------------------------------------------------
+# --- tables ------------------------------------------------------------------------------------
 
 
 def sections(cells: pd.DataFrame):
@@ -277,7 +227,7 @@ def bit_labels(sec: pd.DataFrame) -> list[str]:
 
 
 def pivot(sec: pd.DataFrame, values) -> pd.DataFrame:
-    """``values`` (one per cell of ``sec``) as methods (variants, sorted) x bit settings; NaN where a method
+    """``values`` (one per cell of ``sec``) as methods (variants, in order) x bit settings; NaN where a method
     lacks a setting."""
     grid = pd.DataFrame({"variant": sec.variant, "bits": sec.bits, "value": list(values)})
     grid = grid.drop_duplicates(["variant", "bits"], keep="last").pivot(index="variant", columns="bits", values="value")
@@ -289,52 +239,6 @@ def fp32(sec: pd.DataFrame) -> pd.Series:
     known = sec[sec.top1_fp32_mean.notna()]
     weighted = (known.top1_fp32_mean * known.n).groupby(known.variant).agg(math.fsum)
     return (weighted / known.n.groupby(known.variant).sum()).reindex(sec.variant.unique())
-
-
-def texts(sec: pd.DataFrame, metric: str, spec: str = ".2f") -> list[str]:
-    """The cells' ``metric`` as table text: ``fmt_ms``, or ``fmt_time`` for spec ``time``."""
-    stats = zip(sec[f"{metric}_mean"], sec[f"{metric}_std"], sec.n, strict=True)
-    return [fmt_time(m) if spec == "time" else fmt_ms(m, s, n, spec) for m, s, n in stats]
-
-
-def _pivot_text(sec: pd.DataFrame, text: list[str], with_fp32: bool) -> pd.DataFrame:
-    """A pivot as a table of text: method, FP32 (``with_fp32``), a column per bit setting ('' where none)."""
-    table = pivot(sec, text).fillna("")
-    if with_fp32:
-        table.insert(0, "FP32", fp32(sec).map(fmt))
-    return table.rename_axis("method").reset_index()
-
-
-PAPER_HEADER = ["method", "bits", "ours", "paper", "ours - paper", "FP32 ours", "FP32 paper", "source"]
-
-
-def paper_table(sec: pd.DataFrame) -> pd.DataFrame:
-    """Ours next to the published numbers: the cells of ``sec`` that have one, as text (PAPER_HEADER)."""
-    p = sec[sec.paper_top1.notna()]
-    return pd.DataFrame({"method": p.variant, "bits": p.bits, "ours": texts(p, "top1"), "paper": p.paper_top1.map(fmt),
-                         "ours - paper": (p.top1_mean - p.paper_top1).map(lambda v: fmt(v, "+.2f")),
-                         "FP32 ours": p.top1_fp32_mean.map(fmt), "FP32 paper": p.paper_fp32.map(fmt),
-                         "source": p.paper_source.map(lambda s: str(s or "-"))}, columns=PAPER_HEADER)
-
-
-def failed_table(rows: Rows, text=str, limit: int = 200) -> pd.DataFrame:
-    """The failed runs as text (FAILED_COLUMNS): ``text`` of model, dataset, method and seed; the error's first
-    line, at most ``limit`` characters."""
-    return pd.DataFrame([[rid_of(r), *(text(r.get(k)) for k in ("model", "dataset", "method")), _bits_text(r),
-                          text(r.get("seed")), _error_text(r, limit)] for r in rows.failed], columns=FAILED_COLUMNS)
-
-
-def _bits_text(row: dict) -> str:
-    return bits_label(row.get("wbits"), row.get("abits"))
-
-
-def _error_text(row: dict, limit: int = 200) -> str:
-    err = str(row.get("error") or "-").strip().splitlines()
-    text = err[0] if err else "-"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --- formatting --------------------------------------------------------------------------------
 
 
 def fmt(v, spec: str = ".2f") -> str:
@@ -349,14 +253,61 @@ def fmt_ms(mean: float, std: float, n: int | None, spec: str = ".2f", pm: str = 
     return s if n is None else f"{s} ({n})"
 
 
-def fmt_time(mean: float, std: float = math.nan, n: int = 0) -> str:
+def fmt_time(mean: float) -> str:
     """Seconds with a readable unit and three significant digits: ``84.2 ms``, ``38 s``, ``5.7 h``."""
     if math.isnan(mean):
         return "-"
-    for scale, unit, below in ((1e3, "ms", 1.0), (1.0, "s", 600.0), (1 / 60, "min", 7200.0), (1 / 3600, "h", math.inf)):
-        if mean < below:
-            return f"{format(mean * scale, '.3g')} {unit}"
-    raise AssertionError
+    scale, unit = next((s, u) for s, u, below in ((1e3, "ms", 1.0), (1.0, "s", 600.0), (1 / 60, "min", 7200.0),
+                                                  (1 / 3600, "h", math.inf)) if mean < below)
+    return f"{format(mean * scale, '.3g')} {unit}"
+
+
+def texts(sec: pd.DataFrame, metric: str, spec: str = ".2f", tex: bool = False) -> list[str]:
+    """The cells' ``metric`` as table text: ``fmt_ms`` (for LaTeX, ``tex``: without the runs), or ``fmt_time``
+    for spec ``time``."""
+    stats = zip(sec[f"{metric}_mean"], sec[f"{metric}_std"], [None] * len(sec) if tex else sec.n, strict=True)
+    args = (TEX_PM, "--") if tex else ()
+    return [fmt_time(m) if spec == "time" else fmt_ms(m, s, n, spec, *args) for m, s, n in stats]
+
+
+def _pivot_text(sec: pd.DataFrame, metric: str, spec: str, with_fp32: bool, tex: bool = False) -> pd.DataFrame:
+    """A pivot of ``texts`` as a table: method, FP32 (``with_fp32``), a column per bit setting ('' where none)."""
+    table = pivot(sec, texts(sec, metric, spec, tex)).fillna("")
+    if with_fp32:
+        table.insert(0, "FP32", fp32(sec).map(fmt))
+    return table.rename_axis("method").reset_index()
+
+
+PAPER_HEADER = ["method", "bits", "ours", "paper", "ours - paper", "FP32 ours", "FP32 paper", "source"]
+
+
+def paper_table(sec: pd.DataFrame, tex: bool = False) -> pd.DataFrame:
+    """Ours next to the published numbers: the cells of ``sec`` that have one, as text (PAPER_HEADER)."""
+    p = sec[sec.paper_top1.notna()]
+    return pd.DataFrame({"method": p.variant, "bits": p.bits, "ours": texts(p, "top1", tex=tex),
+                         "paper": p.paper_top1.map(fmt), "ours - paper": (p.top1_mean - p.paper_top1).map(
+                             lambda v: fmt(v, "+.2f")), "FP32 ours": p.top1_fp32_mean.map(fmt),
+                         "FP32 paper": p.paper_fp32.map(fmt), "source": p.paper_source.map(lambda s: str(s or "-"))},
+                        columns=PAPER_HEADER)
+
+
+FAILED_COLUMNS = ("run_id", "model", "dataset", "method", "bits", "seed", "error")
+
+
+def failed_table(rows: Rows, text=str, limit: int = 200) -> pd.DataFrame:
+    """The failed runs as text (FAILED_COLUMNS): ``text`` of model, dataset, method and seed; the error's first
+    line, at most ``limit`` characters."""
+    return pd.DataFrame([[rid_of(r), *(text(r.get(k)) for k in ("model", "dataset", "method")), _bits_text(r),
+                          text(r.get("seed")), _error_text(r, limit)] for r in rows.failed], columns=FAILED_COLUMNS)
+
+
+def _bits_text(row: dict) -> str:
+    return bits_label(row.get("wbits"), row.get("abits"))
+
+
+def _error_text(row: dict, limit: int = 200) -> str:
+    text = (str(row.get("error") or "-").strip().splitlines() or ["-"])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def md_table(table: pd.DataFrame, align: str) -> str:
@@ -367,7 +318,7 @@ def md_table(table: pd.DataFrame, align: str) -> str:
     return "\n".join(["| " + " | ".join(table.columns) + " |", rule, *body]) + "\n"
 
 
-PIVOTS = (
+PIVOTS = (  # metric, title, format (``time``: fmt_time), with the FP32 column
     ("top1", "Top-1 (%), mean ± std over seeds (runs)", ".2f", True),
     ("delta_top1", "Top-1 minus FP32 top-1 of the same run (points), mean ± std (runs)", "+.2f", False),
     ("t_quant_s", "Quantization time, mean over runs (synthetic data not included)", "time", False),
@@ -380,7 +331,7 @@ def markdown(rows: Rows, cells: pd.DataFrame) -> str:
     for (model, dataset), sec in sections(cells):
         out.append(f"\n## {model} / {dataset}\n")
         for metric, title, spec, with_fp32 in PIVOTS:
-            table = _pivot_text(sec, texts(sec, metric, spec), with_fp32)
+            table = _pivot_text(sec, metric, spec, with_fp32)
             out.append(f"\n{title}:\n\n" + md_table(table, "l" + "r" * (table.shape[1] - 1)))
         paper = paper_table(sec)
         if len(paper):
@@ -403,24 +354,21 @@ def latex(cells: pd.DataFrame) -> str:
     out = ["% Made by python -m dfq_bench.report; needs \\usepackage{booktabs}.\n"]
     for (model, dataset), sec in sections(cells):
         for metric, title, spec, with_fp32 in PIVOTS[:2]:
-            stats = zip(sec[f"{metric}_mean"], sec[f"{metric}_std"], strict=True)
-            table = _pivot_text(sec, [fmt_ms(m, s, None, spec, TEX_PM, "--") for m, s in stats], with_fp32)
+            table = _pivot_text(sec, metric, spec, with_fp32, tex=True)
             caption = tex_escape(f"{title.split(',')[0]} of {model} on {dataset}; mean ± std over seeds.")
-            lines = [["Method", *map(tex_escape, table.columns[1:])],
-                     *([tex_escape(v), *rest] for v, *rest in table.itertuples(index=False))]
-            out.append(_tex_table(f"{model} / {dataset}: {metric}", caption, "l" + "r" * (table.shape[1] - 1), lines))
-        paper = sec[sec.paper_top1.notna()]
+            out.append(_tex_table(f"{model} / {dataset}: {metric}", caption, "l" + "r" * (table.shape[1] - 1), table))
+        paper = paper_table(sec, tex=True).iloc[:, :5]
         if len(paper):
             caption = f"Top-1 (\\%) of {tex_escape(model)} on {tex_escape(dataset)}: ours vs published."
-            lines = [["Method", "Bits", "Ours", "Paper", "Diff."],
-                     *([tex_escape(c.variant), c.bits, fmt_ms(c.top1_mean, c.top1_std, None, ".2f", TEX_PM, "--"),
-                        fmt(c.paper_top1), fmt(c.top1_mean - c.paper_top1, "+.2f")] for c in paper.itertuples())]
-            out.append(_tex_table(f"{model} / {dataset}: ours vs paper", caption, "llrrr", lines))
+            out.append(_tex_table(f"{model} / {dataset}: ours vs paper", caption, "llrrr",
+                                  paper.set_axis(["Method", "Bits", "Ours", "Paper", "Diff."], axis=1)))
     return "".join(out)
 
 
-def _tex_table(comment: str, caption: str, cols: str, lines: list[list[str]]) -> str:
-    """A booktabs table; ``lines[0]`` is the header."""
+def _tex_table(comment: str, caption: str, cols: str, table: pd.DataFrame) -> str:
+    """A booktabs table of ``table`` (text; the header and the first column, the method, TeX-escaped)."""
+    lines = [["Method", *map(tex_escape, table.columns[1:])],
+             *([tex_escape(v), *rest] for v, *rest in table.itertuples(index=False))]
     head, *body = (" & ".join(line) + " \\\\\n" for line in lines)
     return (f"\n% {comment}\n\\begin{{table}}[t]\n\\centering\n\\caption{{{caption}}}\n\\begin{{tabular}}{{{cols}}}\n"
             f"\\toprule\n{head}\\midrule\n" + "".join(body) + "\\bottomrule\n\\end{tabular}\n\\end{table}\n")
@@ -481,26 +429,20 @@ def figures(cells: pd.DataFrame):
     from cycler import cycler
     from matplotlib.ticker import LogFormatter
 
-    colors = plt.get_cmap("tab10").colors
-    rc = {**RC, "axes.prop_cycle": cycler(color=colors)}
-    markers = "osD^vP*Xh<>p"
-    with plt.rc_context(rc):
+    colors, markers = plt.get_cmap("tab10").colors, "osD^vP*Xh<>p"
+    with plt.rc_context({**RC, "axes.prop_cycle": cycler(color=colors)}):
         for (model, dataset), sec in sections(cells):
-            labels, name = bit_labels(sec), f"{slug(model)}__{slug(dataset)}"
-            variants = list(sec.groupby("variant", sort=False))  # cells by bit setting
-            style = [{"marker": markers[i % len(markers)], "color": colors[i % len(colors)]}
-                     for i in range(len(variants))]
+            labels, name, where = bit_labels(sec), f"{slug(model)}__{slug(dataset)}", f"{model} / {dataset}"
+            variants = [(v, pts, {"marker": markers[i % len(markers)], "color": colors[i % len(colors)]})
+                        for i, (v, pts) in enumerate(sec.groupby("variant", sort=False))]  # cells by bit setting
             # accuracy vs bit-width, one line per method (variant), error bars = std over seeds
             fig, ax = plt.subplots(figsize=(9, 4))
             x = {lab: i for i, lab in enumerate(labels)}
-            for (v, pts), st in zip(variants, style, strict=True):
-                label = v
-                for weight_only in (True, False):  # no line across the two families
-                    part = pts[pts.bits.str.endswith("A32") == weight_only]
-                    if len(part):
-                        ax.errorbar(part.bits.map(x).tolist(), part.top1_mean.tolist(),
-                                    yerr=part.top1_std.fillna(0.0).tolist(), capsize=3, label=label, **st)
-                        label = None  # one legend entry per method
+            for v, pts, st in variants:
+                parts = [p for p in (pts[pts.bits.str.endswith("A32")], pts[~pts.bits.str.endswith("A32")]) if len(p)]
+                for i, part in enumerate(parts):  # no line across the two families; one legend entry per method
+                    ax.errorbar(part.bits.map(x).tolist(), part.top1_mean.tolist(),
+                                yerr=part.top1_std.fillna(0.0).tolist(), capsize=3, label=None if i else v, **st)
             fp = fp32(sec).dropna()
             if len(fp):
                 ax.axhline(math.fsum(fp) / len(fp), color="0.4", ls="--", lw=1, label="FP32")
@@ -509,29 +451,27 @@ def figures(cells: pd.DataFrame):
                 ax.axvline(n_wonly - 0.5, color="0.75", lw=1)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlabel("bit-width (W = weights, A = activations; A32 = float)")
-            yield _finish(ax, f"{model} / {dataset}: accuracy vs bit-width", f"acc_vs_bits__{name}")
+            yield _finish(ax, f"{where}: accuracy vs bit-width", f"acc_vs_bits__{name}")
             plt.close(fig)
             # accuracy vs quantization time, log x; one marker per method, one point per bit-width
             fig, ax = plt.subplots(figsize=(9, 4))
-            for (v, pts), st in zip(variants, style, strict=True):
+            for v, pts, st in variants:
                 _points(ax, pts.t_quant_s_mean.clip(lower=1e-4).tolist(), pts, v, st)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(LogFormatter())
             ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
             ax.set_xlabel("quantization time (s, log scale; synthetic data not included)")
-            yield _finish(ax, f"{model} / {dataset}: accuracy vs quantization time", f"acc_vs_time__{name}", "both")
+            yield _finish(ax, f"{where}: accuracy vs quantization time", f"acc_vs_time__{name}", "both")
             plt.close(fig)
-            if not mixed_precision(sec):
-                continue
-            # accuracy vs size (stored bits per weight), one marker per method
-            fig, ax = plt.subplots(figsize=(9, 4))
-            for (v, pts), st in zip(variants, style, strict=True):
-                pts = pts[pts.size_mean.notna()]
-                if len(pts):
-                    _points(ax, pts.size_mean.tolist(), pts, v, st)
-            ax.set_xlabel("size: stored bits per weight (first/last layers and extra orders included)")
-            yield _finish(ax, f"{model} / {dataset}: accuracy vs size", f"acc_vs_size__{name}")
-            plt.close(fig)
+            if mixed_precision(sec):  # accuracy vs size (stored bits per weight), one marker per method
+                fig, ax = plt.subplots(figsize=(9, 4))
+                for v, pts, st in variants:
+                    sized = pts[pts.size_mean.notna()]
+                    if len(sized):
+                        _points(ax, sized.size_mean.tolist(), sized, v, st)
+                ax.set_xlabel("size: stored bits per weight (first/last layers and extra orders included)")
+                yield _finish(ax, f"{where}: accuracy vs size", f"acc_vs_size__{name}")
+                plt.close(fig)
 
 
 def _points(ax, xs: list[float], cells: pd.DataFrame, label: str, style: dict) -> None:
@@ -548,14 +488,6 @@ def _finish(ax, title: str, stem: str, grid: str = "major"):
     ax.grid(alpha=0.3, which=grid)
     ax.legend(**LEGEND)
     return stem, ax.figure
-
-
-def _save(fig, stem: Path) -> list[Path]:
-    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    fig.subplots_adjust(left=0.07, right=0.80, bottom=0.13, top=0.91)  # fixed: no layout pass
-    fig.savefig(png, metadata=PNG_META)
-    fig.savefig(pdf, metadata=PDF_META)
-    return [png, pdf]
 
 
 # --- command -----------------------------------------------------------------------------------
@@ -583,8 +515,11 @@ def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True
                                ("summary.csv", summary_csv(cells)), ("failed.csv", failed_csv(rows))):
                 (out_dir / name).write_text(text, encoding="utf-8")
                 written.append(out_dir / name)
-            if make_plots and len(cells):
-                written += [path for stem, fig in figures(cells) for path in _save(fig, out_dir / stem)]
+            for stem, fig in figures(cells) if make_plots and len(cells) else ():
+                fig.subplots_adjust(left=0.07, right=0.80, bottom=0.13, top=0.91)  # fixed: no layout pass
+                for suffix, meta in ((".png", PNG_META), (".pdf", PDF_META)):
+                    fig.savefig(out_dir / f"{stem}{suffix}", metadata=meta)
+                    written.append(out_dir / f"{stem}{suffix}")
         if html:
             from dfq_bench.results.html import write_page
 
@@ -615,36 +550,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.html and args.no_html:
         ap.error("--html and --no-html exclude each other")
-    if not args.runs or args.out is None:
-        if args.index and not args.runs and args.out is None:
-            from dfq_bench.results.html import write_index
-
-            print(f"-> {write_index(args.index)}")
-            return 0
+    if (not args.runs or args.out is None) and not (args.index and not args.runs and args.out is None):
         ap.error("the runs files and --out are required (or --index DIR alone)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"error: --out={args.out!r} is a file; valid: a directory (created if missing)", file=sys.stderr)
-        return 2
-    for p in args.runs:
-        if not Path(p).is_file():
-            print(f"error: {p!r} is not a file; valid: a runs.jsonl written by dfq_bench", file=sys.stderr)
+    if args.runs:
+        out, missing = Path(args.out), [p for p in args.runs if not Path(p).is_file()]
+        error = (f"--out={args.out!r} is a file; valid: a directory (created if missing)"
+                 if out.exists() and not out.is_dir() else
+                 f"{missing[0]!r} is not a file; valid: a runs.jsonl written by dfq_bench" if missing else None)
+        if error is None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file on the way, no permission
+                error = f"--out={args.out!r} cannot be made ({e.strerror or e}); valid: a directory (created if " \
+                        "missing)"
+        if error:
+            print(f"error: {error}", file=sys.stderr)
             return 2
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on the way, no permission
-        print(f"error: --out={args.out!r} cannot be made ({e.strerror or e}); valid: a directory (created if "
-              "missing)", file=sys.stderr)
-        return 2
-    rows, written = report(args.runs, args.out, make_plots=not args.no_plots, html=not args.no_html,
-                           tables=not args.html, title=args.title)
-    for w in rows.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    print(f"{len(rows.ok)} finished runs, {len(rows.failed)} failed, {rows.n_superseded} superseded rows "
-          f"-> {len(written)} files in {args.out}")
-    if args.wandb:
-        from dfq_bench.run.loggers import log_report
+        rows, written = report(args.runs, args.out, make_plots=not args.no_plots, html=not args.no_html,
+                               tables=not args.html, title=args.title)
+        for w in rows.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"{len(rows.ok)} finished runs, {len(rows.failed)} failed, {rows.n_superseded} superseded rows "
+              f"-> {len(written)} files in {args.out}")
+        if args.wandb:
+            from dfq_bench.run.loggers import log_report
 
-        log_report(args.out, project=args.wandb_project)
+            log_report(args.out, project=args.wandb_project)
     if args.index:
         from dfq_bench.results.html import write_index
 
