@@ -357,3 +357,36 @@ def test_existing_run_ids_are_unchanged():
               "wbits=4", "abits=8", "seed=0", "mp.allocator=dp", "mp.avg_wbits=2.5"]
     assert run_id(compose_cfg(golden)) == "475c03fe0cc1a7c4"  # results/mixed_precision's first row
     assert run_id(compose_cfg([*golden, "protocol.a_granularity=dynamic"])) != "475c03fe0cc1a7c4"
+
+
+# ---- GranQ -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("own,gran", [("dynamic", "dynamic"), ("protocol", "per_tensor")])
+def test_granq_cpu_end_to_end_dynamic_by_default_and_static_on_request(own, gran):
+    from dfq_bench.core.modules import quant_layers
+
+    qmodel, info = run("granq_cpu", a_granularity=own)
+    assert info["a_granularity"] == gran and info["n_student_steps"] == 2 * 4
+    aqs = [ql.act_quant for ql in quant_layers(qmodel).values() if ql.act_quant is not None]
+    assert {aq.granularity for aq in aqs} == {gran}
+    assert all(math.isfinite(v) for v in info["loss_student"][1:] + info["loss_generator"])
+    metrics = dfq_bench.evaluate(tiny_bn_net(), qmodel, eval_set())
+    assert math.isfinite(metrics["top1"]) and math.isfinite(metrics["kl_fp32"]) and metrics["n_eval"] == 32
+
+
+def test_granq_granularity_refusals():
+    def refused(*overrides):
+        with pytest.raises(ConfigError) as e:
+            validate_config(compose_cfg(["method=granq_cpu", *overrides]), ["method=granq_cpu", *overrides])
+        return str(e.value)
+
+    assert refused("deploy=onnxruntime").startswith(
+        "method.a_granularity='dynamic' is invalid with deploy=onnxruntime: dynamic activation ranges")
+    assert refused("protocol.a_granularity=per_channel") == (
+        "method.a_granularity='dynamic' conflicts with protocol.a_granularity='per_channel'; valid: "
+        "method.a_granularity=protocol (the protocol's static ranges), or protocol.a_granularity=per_tensor")
+    assert refused("method.a_granularity=static") == (
+        "method.a_granularity='static' is invalid; valid: dynamic, protocol")
+    ok = ["method=granq_cpu", "method.a_granularity=protocol", "deploy=onnxruntime"]
+    validate_config(compose_cfg(ok), ok)

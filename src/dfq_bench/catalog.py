@@ -14,6 +14,7 @@ METHOD_MODULES = {
     "dummy": "dfq_bench.methods.dummy:Dummy",
     "gdfq": "dfq_bench.methods.gdfq:GDFQ",
     "genie": "dfq_bench.methods.genie:Genie",
+    "granq": "dfq_bench.methods.granq:GranQ",
     "powerquant": "dfq_bench.methods.powerquant:PowerQuant",
     "qimera": "dfq_bench.methods.qimera:Qimera",
     "rex": "dfq_bench.methods.rex:Rex",
