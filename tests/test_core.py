@@ -281,7 +281,11 @@ def test_committed_reference_rows_are_recomputed_exactly(tmp_path):
         assert got["run_id"] == want["run_id"], key
         for field in ("top1", "top5", "top1_fp32", "agree_fp32", "n_eval", "n_layers", "n_bn_folded", "weights"):
             assert got[field] == want[field], (key, field)
-        assert got["kl_fp32"] == pytest.approx(want["kl_fp32"], rel=1e-9, abs=1e-12), key
+        # KL is a float32 sum over 2000 softmaxes: another CPU's kernels reassociate the convolutions (rows made
+        # on an Intel Xeon, recomputed on an AMD EPYC: relative differences 2.1e-7 and 9.5e-7 weight-only,
+        # 1.7e-4 and 4.5e-5 at A4, where a reassociated sum can land an activation on the next level); the
+        # counts above stay exact on both
+        assert got["kl_fp32"] == pytest.approx(want["kl_fp32"], rel=1e-3, abs=1e-12), key
 
 
 def test_every_method_builds_from_its_defaults_without_a_config():
