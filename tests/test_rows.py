@@ -114,7 +114,10 @@ def _usable(row) -> bool:
         return False
     if not all(row.get(f) is None or number(row.get(f)) for f in fields("metrics", "timing")):
         return False
-    return not (row["status"] == "ok" and row.get("top1") is None)
+    info = row.get("dataset_info")
+    n_labelled = info.get("n_labelled") if isinstance(info, dict) else None
+    no_labels = isinstance(n_labelled, int) and not isinstance(n_labelled, bool) and n_labelled == 0
+    return not (row["status"] == "ok" and row.get("top1") is None and not no_labels)
 
 
 def test_row_problem_accepts_exactly_the_usable_rows_and_says_why_for_the_others():
@@ -126,9 +129,11 @@ def test_row_problem_accepts_exactly_the_usable_rows_and_says_why_for_the_others
     for _ in range(5000):
         row = dict(base)
         for _ in range(rng.randrange(4)):
-            key = rng.choice([*base, "top1_fp32", "t_total_s", "peak_rss_mb", "weights"])
+            key = rng.choice([*base, "top1_fp32", "t_total_s", "peak_rss_mb", "weights", "dataset_info"])
             if rng.random() < 0.2:
                 row.pop(key, None)
+            elif key == "dataset_info":  # n_labelled = 0: an ok row may lack top1
+                row[key] = rng.choice([{"n_labelled": rng.choice([0, 0.0, False, 3, None])}, {}, None, [0]])
             else:
                 row[key] = rng.choice([*odd, "ok", "failed"]) if key == "status" else rng.choice(odd)
         problem = row_problem(row)
@@ -138,3 +143,8 @@ def test_row_problem_accepts_exactly_the_usable_rows_and_says_why_for_the_others
     assert min(seen.values()) > 500  # both kinds were drawn
     for value in ([1], "row", None, 3):
         assert row_problem(value).startswith("not a JSON object but ")
+    no_top1 = dict(base, top1=None)
+    for n_labelled in (3, 0.0, False, None, "0"):
+        assert row_problem(dict(no_top1, dataset_info={"n_labelled": n_labelled})) == "an ok row without top1"
+    assert row_problem(no_top1) == "an ok row without top1"
+    assert row_problem(dict(no_top1, dataset_info={"n_labelled": 0})) is None  # no view labelled: no top-1

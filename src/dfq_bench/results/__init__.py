@@ -153,8 +153,9 @@ def write_json(path: str | Path, obj: dict) -> None:
 
 
 # What the reporter needs of a row to place it in a table: these fields in every row, ok or failed,
-# and a top1 in an ok row. Rows of an older schema lack later fields (agree_fp32, t_eval_fp32_s, ...):
-# those read as null, so only these are required.
+# and a top1 in an ok row, unless none of its evaluation images has a label (dataset_info.n_labelled = 0:
+# natural_images; top-1 is null, agreement and KL are not). Rows of an older schema lack later fields
+# (agree_fp32, t_eval_fp32_s, ...): those read as null, so only these are required.
 NEEDED = ("run_id", "status", "model", "dataset", "method", "wbits", "abits", "seed")
 NUMBERS = fields("metrics", "timing")  # a number or null
 INTEGERS = ("wbits", "abits", "seed")  # an integer; abits null = weight-only
@@ -196,7 +197,9 @@ def row_problem(row) -> str | None:
         v = row.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             return f"{f}={v!r} is {_kind(v)}; valid: a number or null"
-    if row["status"] == "ok" and row.get("top1") is None:
+    info = row.get("dataset_info")
+    unlabelled = isinstance(info, dict) and type(info.get("n_labelled")) is int and info["n_labelled"] == 0
+    if row["status"] == "ok" and row.get("top1") is None and not unlabelled:
         return "an ok row without top1"
     return None
 

@@ -5,7 +5,8 @@ nothing is recomputed here) and written beside its tables, or alone with ``pytho
 ... --html``. No network: the CSS and the sorting script are inline, the plots are inline SVG. Per
 (model, dataset): the top-1 of each method at each bit setting, a table with one line per (method, bit
 setting) (mean ± std over seeds, delta to FP32, FP32, top-5, agreement, quantization time, and the
-published number where rows carry one), the plots, and under each line its runs with their provenance
+published number where rows carry one; where some views have no label, agreement ± std and the KL to
+FP32 ± std, which count every view), the plots, and under each line its runs with their provenance
 and the command that reproduces each; then the failed runs. Every table sorts by a click on a column
 header (numbers by value, text alphabetically; again: the other direction), and the address fragment
 ``#sort=top1:desc`` (a column key, ``asc`` or ``desc``) sorts every table having that column when the
@@ -166,6 +167,8 @@ def _sha(row: dict) -> str:
     return text + (" clean" if dirty is False else "")
 
 
+AGREE_TIP = "percent of all views (labelled or not) whose top-1 is the FP32 top-1, mean ± std over the runs"
+KL_TIP = "KL(p_fp32 ‖ p_quant) of the softmax outputs averaged over all views, mean ± std over the runs"
 RUN_HEADER = ("run_id", "seed", "top-1", "FP32", "delta", "quant time", "git", "versions", "device", "started",
               "command")
 
@@ -249,13 +252,14 @@ def _pivot_table(sec: pd.DataFrame, sid: str) -> str:
 
 def _cells_table(sec: pd.DataFrame, sid: str, commands: Commands) -> tuple[str, str]:
     """The sortable table of the cells of a section, and the run lists its last column links to."""
-    paper = sec.paper_top1.notna().any()
+    paper, partial = sec.paper_top1.notna().any(), sec.partial.any()
     order = {lab: i for i, lab in enumerate(rp.bit_labels(sec))}
     cols = [Col("method", "method", num=False), Col("bits", "bits", tip="W = weight bits, A = activation bits "
                                                    "(A32 = float)"),
             Col("n", "runs"), Col("seeds", "seeds"), Col("top1", "top-1 (%)", tip="mean ± sample std over the runs"),
             Col("delta", "Δ FP32", tip="top-1 minus the FP32 top-1 of the same run, mean ± std"),
-            Col("fp32", "FP32"), Col("top5", "top-5"), Col("agree", "agree FP32 (%)"),
+            Col("fp32", "FP32"), Col("top5", "top-5"), Col("agree", "agree FP32 (%)", tip=AGREE_TIP if partial else ""),
+            *([Col("kl", "KL to FP32", tip=KL_TIP)] if partial else []),
             Col("t_quant", "quant time", tip="quantization time, mean over runs (synthetic data not included)")]
     if paper:
         cols += [Col("paper", "paper"), Col("ours_minus_paper", "ours - paper")]
@@ -266,8 +270,11 @@ def _cells_table(sec: pd.DataFrame, sid: str, commands: Commands) -> tuple[str, 
                 _td(c.n_seeds, str(c.n_seeds)), _td(rp.fmt_ms(c.top1_mean, c.top1_std, c.n), _num(c.top1_mean)),
                 _td(rp.fmt_ms(c.delta_top1_mean, c.delta_top1_std, c.n, "+.2f"), _num(c.delta_top1_mean)),
                 _td(rp.fmt(c.top1_fp32_mean), _num(c.top1_fp32_mean)), _td(rp.fmt(c.top5_mean), _num(c.top5_mean)),
-                _td(rp.fmt(c.agree_fp32_mean), _num(c.agree_fp32_mean)),
-                _td(rp.fmt_time(c.t_quant_s_mean), _num(c.t_quant_s_mean))]
+                _td(rp.fmt_ms(c.agree_fp32_mean, c.agree_fp32_std, None) if partial else rp.fmt(c.agree_fp32_mean),
+                    _num(c.agree_fp32_mean))]
+        if partial:  # some views unlabelled: agreement and KL, which count every view, with their spread
+            line.append(_td(rp.fmt_ms(c.kl_fp32_mean, c.kl_fp32_std, None, "#.3g"), _num(c.kl_fp32_mean)))
+        line.append(_td(rp.fmt_time(c.t_quant_s_mean), _num(c.t_quant_s_mean)))
         if paper:  # NaN where a cell has no published number: shown as "-", sorted last
             diff = c.top1_mean - c.paper_top1
             line += [_td(rp.fmt(c.paper_top1), _num(c.paper_top1)), _td(rp.fmt(diff, "+.2f"), _num(diff))]
@@ -320,6 +327,8 @@ PLOT_CAPTIONS = {
     "acc_vs_bits": "Top-1 vs bit setting; error bars: std over seeds; dashed: FP32.",
     "acc_vs_time": "Top-1 vs quantization time (log scale; synthetic data not included).",
     "acc_vs_size": "Top-1 vs size: stored bits per weight, of every cell whose runs record it.",
+    "kl_vs_bits": "KL(FP32 ‖ quantized) of the softmax outputs over all views vs bit setting (log scale); error "
+                  "bars: std over seeds.",
 }
 
 
@@ -381,6 +390,8 @@ def page(rows: rp.Rows, cells: pd.DataFrame, title: str, sources: list[str], mak
     for (model, dataset), sec in sections.items():
         sid = _section_id(model, dataset)
         out.write(f'<section id="{_e(sid)}">\n<h2>{_e(model)} / {_e(dataset)}</h2>\n')
+        if sec.partial.any():
+            out.write(f'<p class="note">{_e(rp.PARTIAL_NOTE.replace("`", ""))}</p>\n')
         out.write("<h3>Top-1 (%) by bit setting, mean ± std over seeds (runs)</h3>\n")
         out.write(_pivot_table(sec, sid))
         out.write("<h3>Every method and bit setting</h3>\n")

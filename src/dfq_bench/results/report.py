@@ -5,8 +5,8 @@
 Rows are deduplicated by run_id: the last ok row wins (files in the order given, lines in file order);
 a run_id without any ok row is listed under "failed runs" with its last error. A line the reporter
 cannot use (not UTF-8, not JSON, not an object, a field it needs missing, a string where a number
-belongs, an ok row without top1: ``results.row_problem``) is a ``file:line: <reason>`` warning and is
-skipped; the tables are made from the other rows.
+belongs, an ok row without top1 unless none of its views has a label: ``results.row_problem``) is a
+``file:line: <reason>`` warning and is skipped; the tables are made from the other rows.
 
 The ok rows become a pandas DataFrame, grouped by (model, dataset, method, bit-width label ``W4A4`` /
 ``W4A32`` for weight-only) and pooled over seeds into another, a line per cell (``aggregate``): mean ±
@@ -15,15 +15,19 @@ in the row (protocol, calibration data, method options, method version, weights,
 such a method gets one table row per variant, labelled with the differing values (``squant
 protocol=squant_paper``). Deltas to FP32 are computed here, per row, as top1 - top1_fp32 of the same
 row. The tables are pivots of the cells (methods x bit settings); rows that carry a ``paper`` block
-(experiment= overlays) get a side-by-side table: ours, the published number, and the difference.
+(experiment= overlays) get a side-by-side table: ours, the published number, and the difference. Where
+some views have no label (``dataset_info.n_labelled`` below ``n_eval``: natural_images), top-1 counts the
+labelled ones only, and the agreement with the FP32 top-1 and the KL to FP32, which count every view, get
+tables (mean ± std over seeds) and a plot of their own (``partial`` sections).
 
 Outputs in ``--out``: tables.md, tables.tex, summary.csv (long format, one line per cell),
 failed.csv, per (model, dataset) acc_vs_bits__<model>__<dataset>.{png,pdf} and
 acc_vs_time__<model>__<dataset>.{png,pdf} (and acc_vs_size__... where mixed-precision runs exist:
-``mixed_precision``), and the results page index.html (results/html.py: the tables sortable, the plots,
-every run with its provenance and command; ``--html``: the page alone, ``--no-html``: no page;
-``--index DIR``: DIR/index.html linking DIR/*/index.html). Everything is sorted and formatted with fixed
-precision, and the plots carry no date or software version, so the same rows give the same bytes.
+``mixed_precision``; kl_vs_bits__... in partial sections), and the results page index.html
+(results/html.py: the tables sortable, the plots, every run with its provenance and command; ``--html``:
+the page alone, ``--no-html``: no page; ``--index DIR``: DIR/index.html linking DIR/*/index.html).
+Everything is sorted and formatted with fixed precision, and the plots carry no date or software version,
+so the same rows give the same bytes.
 """
 
 from __future__ import annotations
@@ -171,15 +175,18 @@ def _labels(distinct: list[tuple], runs: pd.DataFrame) -> list[str]:
 
 def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     """Pools ok rows over seeds: a line per cell (CELL_KEYS, ``bits``, ``bits_order``, ``n`` runs, ``n_seeds``,
-    ``<metric>_mean`` and ``_std``, its ``rows`` in file order, ``paper_top1``, ``paper_fp32``, ``paper_source``),
-    sorted by model, dataset, variant and bit setting; and the warnings. The mean is over the runs that have a
-    value, an exactly rounded sum (math.fsum: pandas' is not quite, and the page shows means in full); the sample
-    std needs two."""
+    ``<metric>_mean`` and ``_std``, its ``rows`` in file order, ``partial``: some run has unlabelled views,
+    ``paper_top1``, ``paper_fp32``, ``paper_source``), sorted by model, dataset, variant and bit setting; and
+    the warnings. The mean is over the runs that have a value, an exactly rounded sum (math.fsum: pandas' is
+    not quite, and the page shows means in full); the sample std needs two."""
     codes, distinct = _settings(rows)
-    runs = pd.DataFrame(rows, columns=["wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS, "paper"])
+    runs = pd.DataFrame(rows, columns=["wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS, "paper", "n_eval",
+                                       "dataset_info"])
     runs = runs.assign(**{f: (runs[f] if runs[f].dtype.kind in "iuf" else runs[f].map(_number)).astype(float)
                           for f in (*VALUE_FIELDS, *SIZE_FIELDS)}, code=codes, row=pd.Series(rows, dtype=object))
     runs = runs.assign(delta_top1=runs.top1 - runs.top1_fp32, size=runs.eff_wbits.fillna(runs.rex_eff_wbits))
+    labelled = [i.get("n_labelled") if type(i) is dict else None for i in runs.dataset_info]  # views with a label
+    runs["partial"] = [type(k) in (int, float) and k != n for k, n in zip(labelled, runs.n_eval, strict=True)]
     settings = pd.DataFrame([d[:3] for d in distinct], columns=CELL_KEYS[:3]).assign(variant=_labels(distinct, runs))
     groups = runs.join(settings, on="code").groupby(CELL_KEYS, sort=False, dropna=False)
     cell, values = groups.ngroup().to_numpy(), runs[list(METRICS)]
@@ -190,7 +197,7 @@ def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     wa = list(zip(cells.wbits, cells.abits, strict=True))
     rank = {k: i for i, k in enumerate(sorted(set(wa), key=lambda k: bits_order(*k)))}
     cells["bits"], cells["bits_order"] = [bits_label(*k) for k in wa], [rank[k] for k in wa]
-    cells["rows"] = groups.row.agg(list).to_numpy()
+    cells["rows"], cells["partial"] = groups.row.agg(list).to_numpy(), groups.partial.any().to_numpy()
     papers = [_paper(*c) for c in zip(groups.paper.agg(list), cells.method, cells.bits, strict=True)]
     papers = pd.DataFrame(papers, columns=["paper_top1", "paper_fp32", "paper_source"], dtype=object)
     cells = cells.join(papers.astype({"paper_top1": float, "paper_fp32": float})).rename_axis("cell")
@@ -323,14 +330,26 @@ PIVOTS = (  # metric, title, format (``time``: fmt_time), with the FP32 column
     ("delta_top1", "Top-1 minus FP32 top-1 of the same run (points), mean ± std (runs)", "+.2f", False),
     ("t_quant_s", "Quantization time, mean over runs (synthetic data not included)", "time", False),
 )
+FIDELITY = (  # in partial sections, after the deltas: what counts every view, labelled or not
+    ("agree_fp32", "Agreement with the FP32 top-1 over all views (%), mean ± std over seeds (runs)", ".2f", False),
+    ("kl_fp32", "KL(p_fp32 ‖ p_quant) of the softmax outputs over all views, mean ± std over seeds (runs)", "#.3g",
+     False),
+)
+PARTIAL_NOTE = ("Top-1, top-5 and the deltas count the labelled views only (`dataset_info.n_labelled` of "
+                "`n_eval`); agreement and KL count every view.")
+
+
+def pivots(sec: pd.DataFrame) -> tuple:
+    """The pivot tables of a section (PIVOTS), with FIDELITY's where some views have no label (``partial``)."""
+    return (*PIVOTS[:2], *FIDELITY, PIVOTS[2]) if sec.partial.any() else PIVOTS
 
 
 def markdown(rows: Rows, cells: pd.DataFrame) -> str:
     out = ["# Results\n\n", f"Made by `python -m dfq_bench.report` from {len(rows.ok)} finished runs "
            f"({len(rows.failed)} failed, {rows.n_superseded} superseded rows).\n"]
     for (model, dataset), sec in sections(cells):
-        out.append(f"\n## {model} / {dataset}\n")
-        for metric, title, spec, with_fp32 in PIVOTS:
+        out.append(f"\n## {model} / {dataset}\n" + (f"\n{PARTIAL_NOTE}\n" if sec.partial.any() else ""))
+        for metric, title, spec, with_fp32 in pivots(sec):
             table = _pivot_text(sec, metric, spec, with_fp32)
             out.append(f"\n{title}:\n\n" + md_table(table, "l" + "r" * (table.shape[1] - 1)))
         paper = paper_table(sec)
@@ -342,7 +361,8 @@ def markdown(rows: Rows, cells: pd.DataFrame) -> str:
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
+        "‖": r"$\|$"}
 TEX_PM = r"$\pm$"
 
 
@@ -353,7 +373,7 @@ def tex_escape(s: str) -> str:
 def latex(cells: pd.DataFrame) -> str:
     out = ["% Made by python -m dfq_bench.report; needs \\usepackage{booktabs}.\n"]
     for (model, dataset), sec in sections(cells):
-        for metric, title, spec, with_fp32 in PIVOTS[:2]:
+        for metric, title, spec, with_fp32 in (p for p in pivots(sec) if p[2] != "time"):
             table = _pivot_text(sec, metric, spec, with_fp32, tex=True)
             caption = tex_escape(f"{title.split(',')[0]} of {model} on {dataset}; mean ± std over seeds.")
             out.append(_tex_table(f"{model} / {dataset}: {metric}", caption, "l" + "r" * (table.shape[1] - 1), table))
@@ -377,18 +397,21 @@ def _tex_table(comment: str, caption: str, cols: str, table: pd.DataFrame) -> st
 # summary.csv: a line per cell; the number columns and their format (empty where there is none)
 SUMMARY_NUMBERS = {
     "top1_mean": ".4f", "top1_std": ".4f", "top5_mean": ".4f", "top5_std": ".4f", "top1_fp32_mean": ".4f",
-    "delta_top1_mean": ".4f", "delta_top1_std": ".4f", "agree_fp32_mean": ".4f", "kl_fp32_mean": ".6g",
+    "delta_top1_mean": ".4f", "delta_top1_std": ".4f", "agree_fp32_mean": ".4f", "agree_fp32_std": ".4f",
+    "kl_fp32_mean": ".6g", "kl_fp32_std": ".6g",
     "t_quant_s_mean": ".6g", "t_synth_s_mean": ".6g", "t_total_s_mean": ".6g", "paper_top1": ".2f",
     "paper_fp32": ".2f", "ours_minus_paper": ".4f",
 }
 SUMMARY_COLUMNS = ("model", "dataset", "method", "variant", "bits", "wbits", "abits", "n", "n_seeds", *SUMMARY_NUMBERS)
+PARTIAL_ONLY = ("agree_fp32_std", "kl_fp32_std")  # columns only where some section is partial
 
 
 def summary_csv(cells: pd.DataFrame) -> str:
     table = cells.assign(ours_minus_paper=cells.top1_mean - cells.paper_top1, abits=cells.abits.map(_csv_text))
     for col, spec in SUMMARY_NUMBERS.items():
         table[col] = table[col].map(lambda v, spec=spec: "" if math.isnan(v) else format(v, spec))
-    return table.to_csv(columns=SUMMARY_COLUMNS, index=False, lineterminator="\n")
+    columns = [c for c in SUMMARY_COLUMNS if c not in PARTIAL_ONLY or cells.partial.any()]
+    return table.to_csv(columns=columns, index=False, lineterminator="\n")
 
 
 def _csv_text(v) -> str:  # as csv.writer writes a value
@@ -419,9 +442,10 @@ def mixed_precision(cells: pd.DataFrame) -> bool:
 
 
 def figures(cells: pd.DataFrame):
-    """Yields (file stem, matplotlib figure) per plot and (model, dataset): accuracy vs bit-width,
-    accuracy vs quantization time and, where mixed-precision runs exist (``mixed_precision``), accuracy
-    vs size (every cell whose runs record it). The figure is closed when the caller asks for the next."""
+    """Yields (file stem, matplotlib figure) per plot and (model, dataset): accuracy vs bit-width, the KL to
+    FP32 vs bit-width (partial sections: some views have no label), accuracy vs quantization time and, where
+    mixed-precision runs exist (``mixed_precision``), accuracy vs size (every cell whose runs record it); the
+    accuracy plots where some cell has a top-1. The figure is closed when the caller asks for the next."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,28 +459,38 @@ def figures(cells: pd.DataFrame):
             labels, name, where = bit_labels(sec), f"{slug(model)}__{slug(dataset)}", f"{model} / {dataset}"
             variants = [(v, pts, {"marker": markers[i % len(markers)], "color": colors[i % len(colors)]})
                         for i, (v, pts) in enumerate(sec.groupby("variant", sort=False))]  # cells by bit setting
-            # accuracy vs bit-width, one line per method (variant), error bars = std over seeds
-            fig, ax = plt.subplots(figsize=(9, 4))
-            x = {lab: i for i, lab in enumerate(labels)}
-            for v, pts, st in variants:
-                parts = [p for p in (pts[pts.bits.str.endswith("A32")], pts[~pts.bits.str.endswith("A32")]) if len(p)]
-                for i, part in enumerate(parts):  # no line across the two families; one legend entry per method
-                    ax.errorbar(part.bits.map(x).tolist(), part.top1_mean.tolist(),
-                                yerr=part.top1_std.fillna(0.0).tolist(), capsize=3, label=None if i else v, **st)
-            fp = fp32(sec).dropna()
-            if len(fp):
-                ax.axhline(math.fsum(fp) / len(fp), color="0.4", ls="--", lw=1, label="FP32")
-            n_wonly = sum(lab.endswith("A32") for lab in labels)
-            if 0 < n_wonly < len(labels):  # weight-only | weight+activation
-                ax.axvline(n_wonly - 0.5, color="0.75", lw=1)
-            ax.set_xticks(range(len(labels)), labels)
-            ax.set_xlabel("bit-width (W = weights, A = activations; A32 = float)")
-            yield _finish(ax, f"{where}: accuracy vs bit-width", f"acc_vs_bits__{name}")
-            plt.close(fig)
+            accuracy, x = sec.top1_mean.notna().any(), {lab: i for i, lab in enumerate(labels)}
+            for metric in [m for m, shown in (("top1", accuracy), ("kl_fp32", sec.partial.any())) if shown]:
+                # the metric vs bit-width, one line per method (variant), error bars = std over seeds
+                fig, ax = plt.subplots(figsize=(9, 4))
+                for v, pts, st in variants:
+                    pts = pts[pts[f"{metric}_mean"].notna()]
+                    wonly = pts.bits.str.endswith("A32")
+                    parts = [p for p in (pts[wonly], pts[~wonly]) if len(p)]
+                    for i, part in enumerate(parts):  # no line across the two families; one legend entry per method
+                        ax.errorbar(part.bits.map(x).tolist(), part[f"{metric}_mean"].tolist(), capsize=3,
+                                    yerr=part[f"{metric}_std"].fillna(0.0).tolist(), label=None if i else v, **st)
+                fp = fp32(sec).dropna() if metric == "top1" else ()
+                if len(fp):
+                    ax.axhline(math.fsum(fp) / len(fp), color="0.4", ls="--", lw=1, label="FP32")
+                n_wonly = sum(lab.endswith("A32") for lab in labels)
+                if 0 < n_wonly < len(labels):  # weight-only | weight+activation
+                    ax.axvline(n_wonly - 0.5, color="0.75", lw=1)
+                ax.set_xticks(range(len(labels)), labels)
+                ax.set_xlabel("bit-width (W = weights, A = activations; A32 = float)")
+                if metric == "top1":
+                    yield _finish(ax, f"{where}: accuracy vs bit-width", f"acc_vs_bits__{name}")
+                else:  # a KL of 0 (no output changed), or an error bar reaching 0, is left out of the log axis
+                    ax.set_yscale("log", nonpositive="mask")
+                    yield _finish(ax, f"{where}: KL to FP32 vs bit-width (all views)", f"kl_vs_bits__{name}",
+                                  ylabel="KL(p_fp32 ‖ p_quant), log scale")
+                plt.close(fig)
+            if not accuracy:
+                continue
             # accuracy vs quantization time, log x; one marker per method, one point per bit-width
             fig, ax = plt.subplots(figsize=(9, 4))
             for v, pts, st in variants:
-                _points(ax, pts.t_quant_s_mean.clip(lower=1e-4).tolist(), pts, v, st)
+                _points(ax, pts.t_quant_s_mean.clip(lower=1e-4), pts, v, st)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(LogFormatter())
             ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
@@ -466,24 +500,25 @@ def figures(cells: pd.DataFrame):
             if mixed_precision(sec):  # accuracy vs size (stored bits per weight), one marker per method
                 fig, ax = plt.subplots(figsize=(9, 4))
                 for v, pts, st in variants:
-                    sized = pts[pts.size_mean.notna()]
-                    if len(sized):
-                        _points(ax, sized.size_mean.tolist(), sized, v, st)
+                    _points(ax, pts.size_mean, pts[pts.size_mean.notna()], v, st)
                 ax.set_xlabel("size: stored bits per weight (first/last layers and extra orders included)")
                 yield _finish(ax, f"{where}: accuracy vs size", f"acc_vs_size__{name}")
                 plt.close(fig)
 
 
-def _points(ax, xs: list[float], cells: pd.DataFrame, label: str, style: dict) -> None:
-    """A scatter of the cells' top-1 at ``xs``, each point annotated with its bit setting."""
-    ys = cells.top1_mean.tolist()
-    ax.scatter(xs, ys, label=label, s=22, **style)
-    for xv, y, bits in zip(xs, ys, cells.bits, strict=True):
-        ax.annotate(bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6, color=style["color"])
+def _points(ax, xs: pd.Series, cells: pd.DataFrame, label: str, style: dict) -> None:
+    """A scatter of the top-1 of those ``cells`` that have one at ``xs`` (by cell), each point annotated with its
+    bit setting."""
+    cells = cells[cells.top1_mean.notna()]
+    if len(cells):
+        xs, ys = xs[cells.index].tolist(), cells.top1_mean.tolist()
+        ax.scatter(xs, ys, label=label, s=22, **style)
+        for xv, y, bits in zip(xs, ys, cells.bits, strict=True):
+            ax.annotate(bits, (xv, y), xytext=(3, 2), textcoords="offset points", fontsize=6, color=style["color"])
 
 
-def _finish(ax, title: str, stem: str, grid: str = "major"):
-    ax.set_ylabel("top-1 (%)")
+def _finish(ax, title: str, stem: str, grid: str = "major", ylabel: str = "top-1 (%)"):
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which=grid)
     ax.legend(**LEGEND)
