@@ -31,6 +31,9 @@ the activation ranges are set once after the warm-up by the protocol's range rul
 - During the warm-up the generator loss uses the student as it is then: weights on their grid, activations
   not yet quantized (their ranges are set after the warm-up).
 - h' divides by max(log C - min_batch h, 1e-12) (a batch of uniform softmaxes would otherwise be 0/0).
+- Quantizer, protocol preset and controls: methods/gdfq.py's ``method.quantizer`` (protocol | reference),
+  ``range_inflation``, ``samples`` (generator | noise | real) and ``finetune``, with the same deviations (the
+  activation quantizers sit at the inputs of the quantized Conv/Linear layers, not after every ReLU).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from dfq_bench.methods.gdfq import CONDITIONING, GDFQ
+from dfq_bench.methods.gdfq import CONDITIONING, GDFQ, check_family_keys
 from omegaconf import MISSING
 from torch import Tensor
 
@@ -99,6 +102,11 @@ class AdaDFQ(GDFQ):
         temperature: float = 20.0  # of the student's entropy loss (reference: 20 CIFAR, 5 ImageNet)
         calib_images: int = 1024  # generated images for the activation ranges, after the warm-up
         eval_images: int | None = 1000  # per-epoch curve on the first N evaluation images; null: all
+        quantizer: str = "protocol"  # protocol: the run's protocol | reference: min/max weights each step, EMA acts
+        range_inflation: bool = False  # reference only: the EMA's recursive bias correction (early ranges inflated)
+        ema_momentum: float = 0.9  # reference only: the EMA of the activations' batch min/max
+        samples: str = "generator"  # generator | noise | real (controls: the run's data= source, same name)
+        finetune: bool = True  # false: the samples calibrate the ranges only, no student step
 
     @staticmethod
     def check_config(c) -> None:
@@ -133,6 +141,7 @@ class AdaDFQ(GDFQ):
         if c.nesterov and not c.momentum > 0:
             raise ConfigError(f"method.momentum={c.momentum!r} is invalid with method.nesterov=true; valid: a number "
                               "in (0, 1)")
+        check_family_keys(c)
 
     def generator_loss(self, t: Tensor, y: Tensor, bns: Tensor, q: Tensor | None = None) -> Tensor:
         """margin + beta * (a_ds * CE(t - q, y) + a_as * CE(t + q, y)) + gamma * BNS; q not detached."""

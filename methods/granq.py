@@ -26,6 +26,9 @@ Deviations and choices, besides AdaDFQ's and GDFQ's (methods/adadfq.py, methods/
   same min/max function gives conv weights one range per (out, in) kernel, recomputed at every forward.
 - ``method.a_granularity=dynamic`` with protocol.a_granularity=per_channel is refused (two different
   activation quantizers asked for); with protocol.a_granularity=dynamic it is the same run as the default.
+- ``method.quantizer=reference`` (methods/gdfq.py): the reference's per-output-channel min/max weights (not
+  GranQ's per-(out, in) kernel ranges) and, with ``a_granularity=dynamic``, dynamic ranges for 4-D inputs and
+  the frozen EMA range for the others; controls ``samples``/``finetune`` as gdfq's.
 """
 
 from __future__ import annotations

@@ -248,6 +248,8 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     if cfg.abits is not None:
         _check_a_granularity(method_cls(method_cfg), p, cfg.get("deploy"))
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
+    if hasattr(method_cls, "check_data"):  # a method that trains on the run's calibration source names it
+        method_cls(method_cfg).check_data(cfg.data.name)
     if cfg.get("mp") is not None:
         check_mp(cfg.mp, cfg.wbits, cfg.get("deploy"), METHODS.get(cfg.method.name))
 
@@ -420,6 +422,7 @@ def identity_config(cfg: DictConfig) -> dict:
     dfq = d.get("method") or {}  # DFQ's pairwise-only CLE (every run before the key existed), or no CLE
     if dfq.get("name") == "dfq" and (dfq.get("cle_triplets") is False or dfq.get("cle") is False):
         dfq.pop("cle_triplets", None)
+    _drop_identity_defaults(dfq)
     if d.get("paper") is None:  # keeps the run_ids of runs without an overlay unchanged
         d.pop("paper", None)
     if d.get("deploy") is None:  # likewise for runs without the deployed-integer check
@@ -459,6 +462,21 @@ def identity_config(cfg: DictConfig) -> dict:
     if data.get("name") == "noise" and _noise_space(d) in (None, "raw"):
         data.pop("space", None)  # the noise every run used before the key existed, or noise never used
     return d
+
+
+def _drop_identity_defaults(method: dict) -> None:
+    """Drops the method keys a method lists in ``identity_defaults`` where they hold that default (keys added
+    after its first rows: those rows keep their run_ids)."""
+    from dfq_bench import catalog  # noqa: F401  (fills the registries)
+    from dfq_bench.registry import METHODS
+
+    try:
+        defaults = getattr(METHODS.get(method.get("name")), "identity_defaults", {})
+    except Exception:  # an unknown method: the run reports it
+        return
+    for key, value in defaults.items():
+        if key in method and method[key] == value:
+            method.pop(key)
 
 
 def _mp_identity(mp: dict | None, wbits) -> dict | None:

@@ -13,6 +13,8 @@ The grid itself (scale, integer zero-point, level range) is always a ``core.grid
   final integer levels, so the learned weights are exactly ``Grid(s, zero_point).dequant(levels)``.
 - ``SteWeight``: a weight kept on its fixed grid in every forward while the float weight trains
   (straight-through rounding), for fine-tuning (``Method.weight_quantizer = "ste"``).
+- ``MinMaxSteWeight``: the zero-shot QAT references' weight quantizer: the grid recomputed from the float
+  weight's per-output-channel min/max at every forward (``core.grid.weight_grid``), straight-through.
 - ``LsqActQuant``: per-tensor activation fake-quant with a learned step size and QDrop (each element
   kept in float with probability ``drop_p`` while training); ``to_act_quant`` freezes it into the
   shared ``core.modules.ActQuant``.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfq_bench.core.grid import Grid, activation_grid, grid_from_range
+from dfq_bench.core.grid import Grid, activation_grid, grid_from_range, weight_grid
 from dfq_bench.core.modules import ActQuant
 
 ZETA, GAMMA = 1.1, -0.1
@@ -154,6 +156,24 @@ class SteWeight(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         return lsq_fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+class MinMaxSteWeight(nn.Module):
+    """Parametrization w -> grid(w).fake(w) where grid(w) is ``core.grid.weight_grid`` of the current float
+    weight (asymmetric, per output channel, the channel's [min, max] as is unless ``include_zero``),
+    recomputed at every forward (not differentiated); straight-through (identity) gradient. ``grid(w)`` gives
+    the grid the last forward used."""
+
+    def __init__(self, bits: int, per_channel: bool = True, include_zero: bool = False):
+        super().__init__()
+        self.bits, self.per_channel, self.include_zero = bits, per_channel, include_zero
+
+    def grid(self, w: Tensor) -> Grid:
+        return weight_grid(w.detach(), self.bits, self.per_channel, symmetric=False, include_zero=self.include_zero)
+
+    def forward(self, w: Tensor) -> Tensor:
+        wd = w.detach()  # identity gradient everywhere: the range is the weight's own, nothing is clipped
+        return w + (self.grid(wd).fake(wd) - wd)
 
 
 class LsqActQuant(nn.Module):

@@ -150,6 +150,64 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}{gran}, state={self.state}, range=[{self.lo:.4g}, {self.hi:.4g}]"
 
 
+class EmaActQuant(ActQuant):
+    """The zero-shot QAT references' activation quantizer (GDFQ and its descendants, ../shared/docs/methods.md):
+    per-tensor asymmetric, its range an exponential moving average of the batch min/max.
+
+    ``state = "ema"``: every call first updates the range, lo <- m * lo + (1 - m) * min(x) (hi likewise; the
+    first call takes the batch's min/max), then fake-quantizes on the new range (straight-through gradient);
+    ``freeze()`` keeps the range from then on (state ``on``, the base class). ``bias_correction``: the
+    references' quirk as we read methods.md: the updated value is divided by (1 - m^t) (t: the number of
+    updates) and that corrected value is stored and fed back into the next update, so early ranges are
+    inflated (for a constant batch range r: r, 5.3r, 18r, ... before decaying back to r) instead of
+    unbiased. The grid is ``core.grid.activation_grid`` of the range, as every other activation quantizer.
+    """
+
+    def __init__(self, bits: int, momentum: float = 0.9, bias_correction: bool = False,
+                 granularity: str = "per_tensor"):
+        if granularity == "per_channel":
+            raise ValueError("the EMA activation quantizer keeps one range per tensor; per_channel is not supported")
+        super().__init__(bits, symmetric=False, granularity=granularity)
+        self.momentum, self.bias_correction = momentum, bias_correction
+        self.n_updates = 0
+        self.state = "ema"
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"non-finite activation (NaN or Inf) at the input of layer {self.name or '?'}")
+        lo, hi = float(x.min()), float(x.max())
+        m = self.momentum
+        self.n_updates += 1
+        if self.bias_correction:  # stored corrected: starts from 0 and feeds back (the quirk)
+            prev_lo, prev_hi = (self.lo, self.hi) if self.n_updates > 1 else (0.0, 0.0)
+            c = 1.0 - m ** self.n_updates
+            lo, hi = (m * prev_lo + (1 - m) * lo) / c, (m * prev_hi + (1 - m) * hi) / c
+        elif self.n_updates > 1:
+            lo, hi = m * self.lo + (1 - m) * lo, m * self.hi + (1 - m) * hi
+        self.set_range(lo, hi)  # sets state "on"
+        self.state = "ema"
+
+    def freeze(self) -> None:
+        if self.n_updates == 0:
+            raise RuntimeError(f"the EMA activation quantizer of layer {self.name or '?'} saw no data before it "
+                               "was frozen")
+        self.state = "on"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "ema":
+            self.update(x.detach())
+            self.state = "on"
+            try:
+                return super().forward(x)
+            finally:
+                self.state = "ema"
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ema momentum={self.momentum}, bias_correction={self.bias_correction}"
+
+
 class QuantLayer(nn.Module):
     """A Conv/Linear whose weights are already fake-quantized, with an input quantizer in front.
 

@@ -17,6 +17,13 @@ NOT detached, as a fourth argument of ``generator_loss``: the generator's gradie
 student (its straight-through quantizers) into the generator, and only the generator's parameters are
 updated by that step (the student's gradients are not accumulated). Without it (GDFQ, Qimera) the student
 is not run in the generator step.
+
+Controls (``method.samples``): with ``images`` (a tensor of fixed images: noise or real training images from
+the run's calibration source) and no generator, each iteration draws a batch of ``batch_size`` of them
+(seeded, with replacement), labels them with the teacher's argmax and takes the student step only (no
+generator step; the generator losses are recorded as None). ``observe_student`` (the references' EMA
+activation ranges): in a warm-up epoch the student is also run (no gradient) on each batch, so that its
+EMA quantizers see the warm-up's samples, unless it already runs in the generator step.
 """
 
 from __future__ import annotations
@@ -44,23 +51,28 @@ class ZeroShotTrainer:
     generator trains in train mode.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, generator: nn.Module, cfg, losses, seed: int,
-                 device, progress=lambda it, **kw: it):
-        self.teacher, self.student, self.generator = teacher.eval(), student.eval(), generator.train()
+    def __init__(self, teacher: nn.Module, student: nn.Module, generator: nn.Module | None, cfg, losses, seed: int,
+                 device, progress=lambda it, **kw: it, images: Tensor | None = None, observe_student: bool = False):
+        if (generator is None) == (images is None):
+            raise ValueError("ZeroShotTrainer takes a generator or fixed images, not both or neither")
+        self.teacher, self.student = teacher.eval(), student.eval()
+        self.generator = generator.train() if generator is not None else None
+        self.images, self.observe_student = images, observe_student
         self.cfg, self.losses, self.device, self.progress = cfg, losses, device, progress
         names = {id(m): n for n, m in teacher.named_modules()}
         bns = bn_layers(teacher)
         self.hooks = InputStats(bns, [names[id(m)] for m in bns])
         self.g = torch.Generator().manual_seed(seed)
-        self.opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.generator_betas))
+        self.opt_g = None if generator is None else torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator,
+                                                                     betas=tuple(cfg.generator_betas))
         self.opt_s: torch.optim.Optimizer | None = None  # made at the first student step
         self.student_in_generator_step = bool(getattr(losses, "student_in_generator_step", False))
-        self.generator_params = [p for p in generator.parameters() if p.requires_grad]
+        self.generator_params = [] if generator is None else [p for p in generator.parameters() if p.requires_grad]
         self.history: dict[str, list[float]] = {"loss_generator": [], "loss_bns": [], "loss_student": []}
 
     def _set_lr(self, epoch: int) -> None:
         f = lr_factor(epoch, self.cfg.milestones, self.cfg.lr_gamma)
-        for group in self.opt_g.param_groups:
+        for group in self.opt_g.param_groups if self.opt_g is not None else ():
             group["lr"] = self.cfg.lr_generator * f
         if self.opt_s is not None:
             for group in self.opt_s.param_groups:
@@ -79,7 +91,14 @@ class ZeroShotTrainer:
 
     @torch.no_grad()
     def samples(self, n: int) -> list[Tensor]:
-        """``n`` generated images in batches of ``batch_size`` (the generator as it is now)."""
+        """``n`` generated images in batches of ``batch_size`` (the generator as it is now); with fixed images,
+        the first ``n`` of them."""
+        if self.images is None:
+            return self._generated(n)
+        return list(torch.split(self.images[:n].to(self.device), self.cfg.batch_size))
+
+    @torch.no_grad()
+    def _generated(self, n: int) -> list[Tensor]:
         out, done = [], 0
         while done < n:
             z, y = self.draw(min(self.cfg.batch_size, n - done))
@@ -96,6 +115,9 @@ class ZeroShotTrainer:
         sums = {"loss_generator": 0.0, "loss_bns": 0.0, "loss_student": 0.0}
         bar = self.progress(range(c.iters_per_epoch), desc=desc)
         for it in bar:
+            if self.images is not None:
+                self._fixed_step(it, train_student, sums, desc, bar)
+                continue
             z, y = self.draw(c.batch_size)
             z, y = z.to(self.device), y.to(self.device)
             x = self.generator(z, y)
@@ -115,6 +137,9 @@ class ZeroShotTrainer:
             lg, ls = float(loss_g.detach()), None
             sums["loss_generator"] += lg
             sums["loss_bns"] += float(bns.detach())
+            if not train_student and self.observe_student and not self.student_in_generator_step:
+                with torch.no_grad():
+                    self.student(x.detach())  # EMA activation ranges see the warm-up's samples
             if train_student:
                 q = self.student(x.detach())
                 loss_s = self.losses.student_loss(q, t.detach(), y)
@@ -130,9 +155,34 @@ class ZeroShotTrainer:
         means = {k: v / c.iters_per_epoch for k, v in sums.items()}
         if not train_student:
             means["loss_student"] = None
+        if self.images is not None:
+            means["loss_generator"] = means["loss_bns"] = None
         for k, v in means.items():
             self.history[k].append(v)
         return means
+
+    def _fixed_step(self, it: int, train_student: bool, sums: dict, desc: str, bar) -> None:
+        """One iteration on the fixed images: a seeded batch, the teacher's argmax as labels, the student step."""
+        idx = torch.randint(0, len(self.images), (self.cfg.batch_size,), generator=self.g)
+        x = self.images[idx].to(self.device)
+        with torch.no_grad():
+            t = self.teacher(x)
+        if not train_student:
+            if self.observe_student:
+                with torch.no_grad():
+                    self.student(x)
+            return
+        q = self.student(x)
+        loss_s = self.losses.student_loss(q, t, t.argmax(1))
+        ls = float(loss_s.detach())
+        if not math.isfinite(ls):
+            raise NonFiniteError(f"{desc} iteration {it}: the student loss is {ls}")
+        self.opt_s.zero_grad(set_to_none=True)
+        loss_s.backward()
+        self.opt_s.step()
+        sums["loss_student"] += ls
+        if hasattr(bar, "set_postfix") and it % 10 == 0:
+            bar.set_postfix(S=f"{ls:.3g}")
 
     def close(self) -> None:
         self.hooks.remove()
