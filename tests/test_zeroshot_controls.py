@@ -156,3 +156,36 @@ def test_cli_real_control_row_records_samples_and_data(tmp_path):
     assert row["method_cfg"]["samples"] == "real" and row["method_cfg"]["finetune"] is True
     assert row["act_range"] == "ema" and row["protocol"]["name"] == "zsqat_paper"
     json.dumps(row)
+
+
+EXPERIMENTS = ("cifar10", "cifar100", "imagenet_resnet18", "imagenet_mobilenet_v2", "imagenet_resnet50")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_adadfq_table2_overlays_compose_with_all_five_columns(name):
+    cfg = compose_cfg([f"+experiment=adadfq_table2_{name}"])
+    assert cfg.protocol.name == "zsqat_paper" and cfg.method.name == "adadfq" and cfg.abits == cfg.wbits
+    top1 = cfg.paper.top1
+    assert set(top1) == {"intraq", "gdfq", "qimera", "adasg", "adadfq"}
+    assert set(top1.adadfq) == ({"W3A3", "W4A4", "W5A5"} if name.startswith("cifar") else {"W4A4", "W5A5"})
+
+
+def test_cifar_resnet20_loads_its_layout_and_an_overlay_runs_on_a_stand_in(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dfq_bench.models.cifar_resnet import resnet20_cifar10
+
+    built = resnet20_cifar10(OmegaConf.create({"weights": None, "sha256": None}))
+    assert sum(p.numel() for p in built.model.parameters()) == 272474  # pytorchcv's count for resnet20_cifar10
+    path = tmp_path / "r20.pt"
+    torch.save(built.model.state_dict(), path)
+    out = tmp_path / "results"
+    proc = cli(["+experiment=adadfq_table2_cifar10", "dataset=fake", "dataset.num_samples=16", f"model.weights={path}",
+                "method=adadfq_cpu", "method.epochs=1", "method.warmup_epochs=1", "method.iters_per_epoch=1",
+                "method.batch_size=4", "method.calib_images=4", "method.eval_images=16", f"results_dir={out}"],
+               tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = rows_in(out)
+    assert row["status"] == "ok" and row["model"].startswith("resnet20_cifar10") and row["wbits"] == row["abits"] == 3
+    assert row["paper"]["top1"]["adadfq"]["W3A3"] == 84.89 and row["paper"]["fp32"] == 93.89
+    assert row["protocol"]["name"] == "zsqat_paper"

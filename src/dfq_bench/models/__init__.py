@@ -73,6 +73,8 @@ MODELS.register_lazy("torchvision", "dfq_bench.models.torchvision_timm:torchvisi
 MODELS.register_lazy("efficientnet_lite0", "dfq_bench.models.efficientnet:build")
 MODELS.register_lazy("efficientnet_lite1", "dfq_bench.models.efficientnet:build")
 MODELS.register_lazy("efficientnet_lite2", "dfq_bench.models.efficientnet:build")
+MODELS.register_lazy("resnet20_cifar10", "dfq_bench.models.cifar_resnet:resnet20_cifar10")
+MODELS.register_lazy("resnet20_cifar100", "dfq_bench.models.cifar_resnet:resnet20_cifar100")
 MODELS.register_lazy("resnet20_fmnist", "dfq_bench.models.fmnist:resnet20_fmnist")
 MODELS.register_lazy("mobilenetv2_fmnist", "dfq_bench.models.fmnist:mobilenetv2_fmnist")
 MODELS.register_lazy("vgg_fmnist", "dfq_bench.models.fmnist:vgg_fmnist")
