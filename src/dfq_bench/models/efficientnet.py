@@ -83,8 +83,8 @@ def build(cfg) -> BuiltModel:
         path = package_weights_path(name)
         check_sha256(path, sha)
         sd, identity = read_state_dict(path, cfg.sha256)
-        try:
-            identity = f"{package}=={version(package)} {identity}"
+        try:  # the package names the file: its install path (machine-specific) is left out
+            identity = f"{package}=={version(package)} {identity.split(' ')[-1]}"
         except PackageNotFoundError:
             pass
     else:
