@@ -43,11 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from dfq_bench.methods.gdfq import CONDITIONING, GDFQ, check_family_keys
+from dfq_bench.methods.gdfq import GDFQ, check_loop_config
 from omegaconf import MISSING
 from torch import Tensor
-
-from dfq_bench.config import ConfigError
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -111,37 +109,10 @@ class AdaDFQ(GDFQ):
     @staticmethod
     def check_config(c) -> None:
         """Values the types cannot express; one-line ``ConfigError`` (checked before any model is built)."""
-        milestones, betas = list(c.milestones), list(c.generator_betas)
-        for key, ok, valid in (
-                ("epochs", c.epochs >= 0, "an integer >= 0"),
-                ("iters_per_epoch", c.iters_per_epoch >= 1, "an integer >= 1"),
-                ("batch_size", c.batch_size >= 2, "an integer >= 2 (BN statistics of a batch)"),
-                ("warmup_epochs", c.warmup_epochs >= 0, "an integer >= 0"),
-                ("milestones", all(m >= 0 for m in milestones) and milestones == sorted(milestones),
-                 "ascending integers >= 0"),
-                ("lr_gamma", c.lr_gamma > 0, "a number > 0"),
-                ("latent_dim", c.latent_dim >= 1, "an integer >= 1"),
-                ("conditioning", c.conditioning in CONDITIONING, ", ".join(CONDITIONING)),
-                ("lr_generator", c.lr_generator >= 0, "a number >= 0"),
-                ("generator_betas", len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
-                ("a_ds", c.a_ds >= 0, "a number >= 0"),
-                ("a_as", c.a_as >= 0, "a number >= 0"),
-                ("l_l", 0 <= c.l_l <= 1, "a number in [0, 1]"),
-                ("l_u", c.l_l <= c.l_u <= 1, f"a number in [method.l_l={c.l_l}, 1]"),
-                ("beta", c.beta >= 0, "a number >= 0"),
-                ("gamma", c.gamma >= 0, "a number >= 0"),
-                ("lr_student", c.lr_student >= 0, "a number >= 0"),
-                ("momentum", 0 <= c.momentum < 1, "a number in [0, 1)"),
-                ("weight_decay", c.weight_decay >= 0, "a number >= 0"),
-                ("temperature", c.temperature > 0, "a number > 0"),
-                ("calib_images", c.calib_images >= 1, "an integer >= 1"),
-                ("eval_images", c.eval_images is None or c.eval_images >= 1, "an integer >= 1, or null (all)")):
-            if not ok:
-                raise ConfigError(f"method.{key}={getattr(c, key)!r} is invalid; valid: {valid}")
-        if c.nesterov and not c.momentum > 0:
-            raise ConfigError(f"method.momentum={c.momentum!r} is invalid with method.nesterov=true; valid: a number "
-                              "in (0, 1)")
-        check_family_keys(c)
+        check_loop_config(c, (("a_ds", c.a_ds >= 0, "a number >= 0"), ("a_as", c.a_as >= 0, "a number >= 0"),
+                              ("l_l", 0 <= c.l_l <= 1, "a number in [0, 1]"),
+                              ("l_u", c.l_l <= c.l_u <= 1, f"a number in [method.l_l={c.l_l}, 1]"),
+                              ("beta", c.beta >= 0, "a number >= 0"), ("gamma", c.gamma >= 0, "a number >= 0")))
 
     def generator_loss(self, t: Tensor, y: Tensor, bns: Tensor, q: Tensor | None = None) -> Tensor:
         """margin + beta * (a_ds * CE(t - q, y) + a_as * CE(t + q, y)) + gamma * BNS; q not detached."""

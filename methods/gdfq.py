@@ -114,6 +114,37 @@ def check_family_keys(c) -> None:
                           "method.quantizer=reference (the quirk belongs to the reference's EMA ranges)")
 
 
+
+def check_loop_config(c, losses: tuple) -> None:
+    """The keys every method of the family shares (loop, generator, student optimizer, evaluation) and a
+    method's own ``losses`` checks, each ``(key, ok, what is valid)``; one-line ``ConfigError``."""
+    milestones, betas = list(c.milestones), list(c.generator_betas)
+    for key, ok, valid in (
+            ("epochs", c.epochs >= 0, "an integer >= 0"),
+            ("iters_per_epoch", c.iters_per_epoch >= 1, "an integer >= 1"),
+            ("batch_size", c.batch_size >= 2, "an integer >= 2 (BN statistics of a batch)"),
+            ("warmup_epochs", c.warmup_epochs >= 0, "an integer >= 0"),
+            ("milestones", all(m >= 0 for m in milestones) and milestones == sorted(milestones),
+             "ascending integers >= 0"),
+            ("lr_gamma", c.lr_gamma > 0, "a number > 0"),
+            ("latent_dim", c.latent_dim >= 1, "an integer >= 1"),
+            ("conditioning", c.conditioning in CONDITIONING, ", ".join(CONDITIONING)),
+            ("lr_generator", c.lr_generator >= 0, "a number >= 0"),
+            ("generator_betas", len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+            *losses,
+            ("lr_student", c.lr_student >= 0, "a number >= 0"),
+            ("momentum", 0 <= c.momentum < 1, "a number in [0, 1)"),
+            ("weight_decay", c.weight_decay >= 0, "a number >= 0"),
+            ("temperature", c.temperature > 0, "a number > 0"),
+            ("calib_images", c.calib_images >= 1, "an integer >= 1"),
+            ("eval_images", c.eval_images is None or c.eval_images >= 1, "an integer >= 1, or null (all)")):
+        if not ok:
+            raise ConfigError(f"method.{key}={getattr(c, key)!r} is invalid; valid: {valid}")
+    if c.nesterov and not c.momentum > 0:
+        raise ConfigError(f"method.momentum={c.momentum!r} is invalid with method.nesterov=true; valid: a number "
+                          "in (0, 1)")
+    check_family_keys(c)
+
 class GDFQ(Method):
     name = "gdfq"
     version = "1"
@@ -159,36 +190,10 @@ class GDFQ(Method):
     @staticmethod
     def check_config(c) -> None:
         """Values the types cannot express; one-line ``ConfigError`` (checked before any model is built)."""
-        milestones = list(c.milestones)
-        betas = list(c.generator_betas)
-        for key, ok, valid in (
-                ("epochs", c.epochs >= 0, "an integer >= 0"),
-                ("iters_per_epoch", c.iters_per_epoch >= 1, "an integer >= 1"),
-                ("batch_size", c.batch_size >= 2, "an integer >= 2 (BN statistics of a batch)"),
-                ("warmup_epochs", c.warmup_epochs >= 0, "an integer >= 0"),
-                ("milestones", all(m >= 0 for m in milestones) and milestones == sorted(milestones),
-                 "ascending integers >= 0"),
-                ("lr_gamma", c.lr_gamma > 0, "a number > 0"),
-                ("latent_dim", c.latent_dim >= 1, "an integer >= 1"),
-                ("conditioning", c.conditioning in CONDITIONING, ", ".join(CONDITIONING)),
-                ("lr_generator", c.lr_generator >= 0, "a number >= 0"),
-                ("generator_betas", len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
-                ("gen_ce_weight", c.gen_ce_weight >= 0, "a number >= 0"),
-                ("bns_weight", c.bns_weight >= 0, "a number >= 0"),
-                ("lr_student", c.lr_student >= 0, "a number >= 0"),
-                ("momentum", 0 <= c.momentum < 1, "a number in [0, 1)"),
-                ("weight_decay", c.weight_decay >= 0, "a number >= 0"),
-                ("temperature", c.temperature > 0, "a number > 0"),
-                ("kl_weight", c.kl_weight >= 0, "a number >= 0"),
-                ("ce_weight", c.ce_weight >= 0, "a number >= 0"),
-                ("calib_images", c.calib_images >= 1, "an integer >= 1"),
-                ("eval_images", c.eval_images is None or c.eval_images >= 1, "an integer >= 1, or null (all)")):
-            if not ok:
-                raise ConfigError(f"method.{key}={getattr(c, key)!r} is invalid; valid: {valid}")
-        if c.nesterov and not c.momentum > 0:
-            raise ConfigError(f"method.momentum={c.momentum!r} is invalid with method.nesterov=true; valid: a number "
-                              "in (0, 1)")
-        check_family_keys(c)
+        check_loop_config(c, (("gen_ce_weight", c.gen_ce_weight >= 0, "a number >= 0"),
+                              ("bns_weight", c.bns_weight >= 0, "a number >= 0"),
+                              ("kl_weight", c.kl_weight >= 0, "a number >= 0"),
+                              ("ce_weight", c.ce_weight >= 0, "a number >= 0")))
 
     # ---- what the runner asks before any work ---------------------------------------------------
 

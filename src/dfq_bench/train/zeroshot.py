@@ -142,14 +142,7 @@ class ZeroShotTrainer:
                     self.student(x.detach())  # EMA activation ranges see the warm-up's samples
             if train_student:
                 q = self.student(x.detach())
-                loss_s = self.losses.student_loss(q, t.detach(), y)
-                ls = float(loss_s.detach())
-                if not math.isfinite(ls):
-                    raise NonFiniteError(f"{desc} iteration {it}: the student loss is {ls}")
-                self.opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
-                self.opt_s.step()
-                sums["loss_student"] += ls
+                ls = self._student_step(self.losses.student_loss(q, t.detach(), y), it, desc, sums)
             if hasattr(bar, "set_postfix") and it % 10 == 0:
                 bar.set_postfix(G=f"{lg:.3g}", S="-" if ls is None else f"{ls:.3g}")
         means = {k: v / c.iters_per_epoch for k, v in sums.items()}
@@ -173,7 +166,12 @@ class ZeroShotTrainer:
                     self.student(x)
             return
         q = self.student(x)
-        loss_s = self.losses.student_loss(q, t, t.argmax(1))
+        ls = self._student_step(self.losses.student_loss(q, t, t.argmax(1)), it, desc, sums)
+        if hasattr(bar, "set_postfix") and it % 10 == 0:
+            bar.set_postfix(S=f"{ls:.3g}")
+
+    def _student_step(self, loss_s: Tensor, it: int, desc: str, sums: dict) -> float:
+        """One SGD step of the student on ``loss_s`` (a non-finite loss stops the run); returns its value."""
         ls = float(loss_s.detach())
         if not math.isfinite(ls):
             raise NonFiniteError(f"{desc} iteration {it}: the student loss is {ls}")
@@ -181,8 +179,7 @@ class ZeroShotTrainer:
         loss_s.backward()
         self.opt_s.step()
         sums["loss_student"] += ls
-        if hasattr(bar, "set_postfix") and it % 10 == 0:
-            bar.set_postfix(S=f"{ls:.3g}")
+        return ls
 
     def close(self) -> None:
         self.hooks.remove()
