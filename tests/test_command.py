@@ -87,6 +87,17 @@ def test_every_key_away_from_the_defaults_is_written_and_the_command_composes_ba
     assert command_line(cfg) == command
 
 
+def test_an_eval_cache_under_home_is_written_with_a_tilde_and_read_expanded(tmp_path, monkeypatch):
+    from dfq_bench.run.evalcache import EvalCache
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # committed rows hold no absolute path of the machine
+    cfg, choices = composed([*TINY, "method=rtn", f"eval_cache={tmp_path / '.cache' / 'ev'}"])
+    tokens = overrides_of(command_line(cfg, choices))
+    assert 'eval_cache="~/.cache/ev"' in tokens and not any(str(tmp_path) in t for t in tokens)
+    assert compose_cfg(tokens).eval_cache == "~/.cache/ev"  # quoted: Hydra's grammar has no bare ~
+    assert EvalCache("~/.cache/ev", {}).path.parent == tmp_path / ".cache" / "ev"
+
+
 def test_a_plugin_method_is_written_as_method_name(monkeypatch):
     class Halfway(Method):
         name, version = "halfway", "1"

@@ -96,3 +96,16 @@ def test_a_path_under_the_home_directory_is_written_home_relative(tmp_path, monk
     monkeypatch.setenv("HOME", str(tmp_path))
     assert repo_relative(tmp_path / ".cache" / "dfq_bench" / "x.pt") == "~/.cache/dfq_bench/x.pt"
     assert repo_relative("/usr/share/datasets/fashion-mnist") == "/usr/share/datasets/fashion-mnist"
+
+
+def test_committed_rows_and_pages_hold_no_path_of_the_machine_that_made_them():
+    """Rows and pages under results/ name repository paths relatively and home paths as ``~/...``; a
+    system path that is the same on every machine (Debian's /usr/share/datasets/...) may stay."""
+    machine = re.compile(r"(?<![\w.~])/(root|home|work|tmp|Users)/")
+    files = [p for p in sorted((REPO / "results").rglob("*")) if p.name == "runs.jsonl" or p.suffix == ".html"]
+    assert len(files) >= 10
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        assert str(REPO) not in text, p.relative_to(REPO)
+        hit = machine.search(text)
+        assert not hit, f"{p.relative_to(REPO)}: {text[max(hit.start() - 60, 0):hit.end() + 60]}"

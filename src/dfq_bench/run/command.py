@@ -16,7 +16,8 @@ the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, 
 the ``logger`` keys, since they decide where the row goes, whether the run happens and what it mirrors.
 Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights``
 file (identified by its content, not its path) are written relative to the repository root when inside it
-(``model.weights``: ``~/...`` under the home directory); ``dataset.root`` is written as given, because the
+(``model.weights`` and ``eval_cache``, which are read with expanduser: ``~/...`` under the home directory, so
+a committed row holds no absolute path of the machine); ``dataset.root`` is written as given, because the
 run_id hashes its text.
 Values are written in Hydra's override grammar (quoted where it needs it), then shell-quoted (``shlex``).
 
@@ -249,11 +250,11 @@ def _path(key: str, value: Any) -> Any:
     resolved = path.resolve()
     if resolved.is_relative_to(REPO):
         return str(resolved.relative_to(REPO)) if resolved != REPO else "."
-    if key == "model.weights":  # read with expanduser: ~/... under the home directory
+    if key in ("model.weights", "eval_cache"):  # read with expanduser: ~/... under the home directory
         from dfq_bench.run.runner import repo_relative
 
         return repo_relative(resolved)
-    return str(resolved)  # results_dir and eval_cache are not expanded: ~ would be a folder named ~
+    return str(resolved)  # results_dir is not expanded: ~ would be a folder named ~
 
 
 def _build(target: dict, choices: Mapping[str, Any], per_group: bool = False) -> str:

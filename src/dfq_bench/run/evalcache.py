@@ -62,7 +62,7 @@ class EvalCache:
         self.key_fields = key_fields
         blob = json.dumps(key_fields, sort_keys=True, default=str)
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:24]
-        self.path = Path(directory) / f"{self.key}.pt"
+        self.path = Path(directory).expanduser() / f"{self.key}.pt"  # ~/...: as a row's command writes it
 
     @classmethod
     def for_run(cls, directory: str | Path, model_label: str, built, dataset_cfg: dict, dataset_info: dict,
