@@ -109,3 +109,18 @@ def test_committed_rows_and_pages_hold_no_path_of_the_machine_that_made_them():
         assert str(REPO) not in text, p.relative_to(REPO)
         hit = machine.search(text)
         assert not hit, f"{p.relative_to(REPO)}: {text[max(hit.start() - 60, 0):hit.end() + 60]}"
+
+
+def test_git_dirty_leaves_out_the_runs_own_results_directory(monkeypatch):
+    from omegaconf import OmegaConf
+
+    calls = []
+    real = runner._git
+    monkeypatch.setattr(runner, "_git", lambda *a: calls.append(a) or real(*a))
+    runner.provenance(OmegaConf.create({"results_dir": "results/natural_images", "device": "cpu"}))
+    runner.provenance(OmegaConf.create({"results_dir": "/elsewhere/out", "device": "cpu"}))
+    status = [c for c in calls if c[0] == "status"]
+    assert status[0] == ("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         ":(exclude)results/natural_images")
+    assert status[1] == ("status", "--porcelain", "--untracked-files=no")  # outside the repository: all of it
+    assert real(*status[0]) is not None  # git accepts the pathspec

@@ -173,7 +173,13 @@ def device_name(device: str) -> str:
 
 
 def provenance(cfg: DictConfig) -> dict:
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """``git_dirty``: tracked files differ from HEAD, not counting the run's own results directory (a sweep
+    appending to a committed runs.jsonl changes no code)."""
+    exclude = []
+    results = Path(str(cfg.get("results_dir") or "results")).resolve()
+    if results.is_relative_to(REPO) and results != REPO:
+        exclude = ["--", ".", f":(exclude){results.relative_to(REPO)}"]
+    status = _git("status", "--porcelain", "--untracked-files=no", *exclude)
     return {
         "git_sha": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
