@@ -2,7 +2,7 @@
 # The zero-shot QAT table of results/zeroshot.md (issue 15): cpu presets, common protocol, the full 10k
 # Fashion-MNIST test split, beside FP32 (every row's top1_fp32), RTN, SQuant and GENIE of the same protocol.
 # Phases (P, default "1 2 3 4 5 6"), most informative first; each W4A4 run of a cpu preset is ~4 min on 2 cores:
-#   1: rtn, squant (seconds), gdfq_cpu, adadfq_cpu on resnet20_fmnist, W4A4 and W3A3, seed 0
+#   1: rtn, squant (W4A4 only: it has no activation k for 3 bits; seconds), gdfq_cpu, adadfq_cpu on resnet20_fmnist, W4A4 and W3A3, seed 0
 #   2: qimera_cpu, granq_cpu (dynamic ranges, its released behaviour) and granq_cpu with the protocol's
 #      static ranges (method.a_granularity=protocol), resnet20_fmnist, W4A4 and W3A3, seed 0
 #   3: adadfq_cpu's controls at W4A4: fine-tuned on noise images, on real training images, and the
@@ -20,7 +20,8 @@ C=(dataset=fashion_mnist results_dir=$R progress=false 'abits=${wbits}')
 R20=(model=resnet20_fmnist wbits=4,3 "${C[@]}")
 for phase in ${P:-1 2 3 4 5 6}; do
   case $phase in
-    1) python -m dfq_bench -m method=rtn,squant "${R20[@]}"
+    1) python -m dfq_bench -m method=rtn "${R20[@]}"   # squant: no activation k for 3 bits (method.k)
+       python -m dfq_bench -m method=squant model=resnet20_fmnist wbits=4 "${C[@]}"
        python -m dfq_bench -m method=gdfq_cpu,adadfq_cpu "${R20[@]}" ;;
     2) python -m dfq_bench -m method=qimera_cpu,granq_cpu "${R20[@]}"
        python -m dfq_bench -m method=granq_cpu method.a_granularity=protocol "${R20[@]}" ;;
