@@ -7,7 +7,7 @@
 #      static ranges (method.a_granularity=protocol), resnet20_fmnist, W4A4 and W3A3, seed 0
 #   3: adadfq_cpu's controls at W4A4: fine-tuned on noise images, on real training images, and the
 #      generator's samples for calibration only (method.finetune=false)
-#   4: genie_cpu on resnet20_fmnist, W4A4 and W3A3
+#   4: genie_cpu on resnet20_fmnist, W4A4 and W3A3, and on mobilenetv2_fmnist, W4A4
 #   5: mobilenetv2_fmnist W4A4, seed 0: rtn, squant, gdfq, qimera, adadfq, granq (dynamic and static)
 #   6: seeds 1 and 2 of gdfq_cpu and adadfq_cpu on resnet20_fmnist, W4A4 and W3A3
 # Usage: [P="1 2"] scripts/sweep_zeroshot.sh   rows -> ${R:-results/zeroshot}/runs.jsonl; a rerun (or the next
@@ -29,7 +29,8 @@ for phase in ${P:-1 2 3 4 5 6}; do
        python -m dfq_bench -m "${A[@]}" data=noise method.samples=noise
        python -m dfq_bench -m "${A[@]}" data=real method.samples=real
        python -m dfq_bench -m "${A[@]}" method.finetune=false ;;
-    4) python -m dfq_bench -m method=genie_cpu "${R20[@]}" ;;
+    4) python -m dfq_bench -m method=genie_cpu "${R20[@]}"
+       python -m dfq_bench -m method=genie_cpu model=mobilenetv2_fmnist wbits=4 "${C[@]}" ;;
     5) M=(model=mobilenetv2_fmnist wbits=4 "${C[@]}")
        python -m dfq_bench -m method=rtn,squant,gdfq_cpu,qimera_cpu,adadfq_cpu,granq_cpu "${M[@]}"
        python -m dfq_bench -m method=granq_cpu method.a_granularity=protocol "${M[@]}" ;;
