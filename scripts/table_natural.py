@@ -15,6 +15,7 @@ import statistics
 import sys
 
 from dfq_bench.results import LastOk
+from dfq_bench.results.report import bits_label
 
 SETTINGS = [(4, None), (3, None), (4, 4), (6, 6), (8, 8)]
 ORDER = ["RTN", "SQuant", "SQuant-K", "SQuant-C", "SQuant-E", "DFQ (relu6 all)", "DFQ (relu6 safe)", "ZeroQ",
@@ -30,18 +31,14 @@ def label(row: dict) -> str:
     return {"rtn": "RTN", "zeroq": "ZeroQ", "genie": f"GENIE ({c.get('preset')})"}.get(m, m)
 
 
-def setting(row: dict) -> str:
-    return f"W{row['wbits']}A{row['abits'] if row['abits'] is not None else 32}"
-
-
 def heads() -> list[str]:
-    return [f"W{w}A{a if a is not None else 32}" for w, a in SETTINGS]
+    return [bits_label(w, a) for w, a in SETTINGS]
 
 
 def cells(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     out: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
-        out.setdefault(label(r), {}).setdefault(setting(r), []).append(r)
+        out.setdefault(label(r), {}).setdefault(bits_label(r['wbits'], r['abits']), []).append(r)
     return out
 
 

@@ -20,6 +20,7 @@ import statistics
 import sys
 
 from dfq_bench.results import LastOk
+from dfq_bench.results.report import bits_label
 
 SETTINGS = [(3, 3), (4, 4)]
 ORDER = ["RTN", "SQuant", "GENIE (cpu)", "GDFQ", "Qimera", "AdaDFQ", "GranQ (dynamic)", "GranQ (static)",
@@ -42,12 +43,8 @@ def label(row: dict) -> str:
     return name
 
 
-def setting(row: dict) -> str:
-    return f"W{row['wbits']}A{row['abits'] if row['abits'] is not None else 32}"
-
-
 def heads() -> list[str]:
-    return [f"W{w}A{a}" for w, a in SETTINGS]
+    return [bits_label(w, a) for w, a in SETTINGS]
 
 
 def mean_std(vals: list[float]) -> str:
@@ -85,7 +82,7 @@ def main(paths: list[str]) -> None:
     fp32: dict[str, list[float]] = {}
     for row in LastOk().read(*paths).ok.values():
         by = groups.setdefault(row["model"], {})
-        by.setdefault(label(row), {}).setdefault(setting(row), []).append(row)
+        by.setdefault(label(row), {}).setdefault(bits_label(row['wbits'], row['abits']), []).append(row)
         fp32.setdefault(row["model"], []).append(row["top1_fp32"])
     for model, by in sorted(groups.items()):
         n = sum(len(rs) for cells in by.values() for rs in cells.values())
