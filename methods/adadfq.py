@@ -33,7 +33,8 @@ the activation ranges are set once after the warm-up by the protocol's range rul
 - h' divides by max(log C - min_batch h, 1e-12) (a batch of uniform softmaxes would otherwise be 0/0).
 - Quantizer, protocol preset and controls: methods/gdfq.py's ``method.quantizer`` (protocol | reference),
   ``range_inflation``, ``samples`` (generator | noise | real) and ``finetune``, with the same deviations (the
-  activation quantizers sit at the inputs of the quantized Conv/Linear layers, not after every ReLU).
+  activation quantizers sit after every ReLU/ReLU6 only under ``protocol=zsqat_paper``; elsewhere at the
+  inputs of the quantized Conv/Linear layers).
 """
 
 from __future__ import annotations

@@ -49,10 +49,9 @@ Quantizer (``method.quantizer``, shared by qimera, adadfq, granq):
   pass over ``calib_images`` samples); the row's ``act_range`` is ``ema``. ``range_inflation=true`` adds the
   recursive bias correction that inflates early ranges (``ema_inflated``; our reading of methods.md's
   one-line description, see ``EmaActQuant``). The bits per layer are still the protocol's planner's: use
-  ``protocol=zsqat_paper`` for the references' every-layer-at-wbits, BN-unfolded choices. Deviation: the
-  references put an activation quantizer after every ReLU/ReLU6; the staged core places them only at the
-  input of each quantized Conv/Linear (the input image excepted), so values that feed no Conv/Linear
-  directly (residual adds, the shortcut path) stay float, with either quantizer.
+  ``protocol=zsqat_paper`` for the references' every-layer-at-wbits, BN-unfolded choices and their placement,
+  an activation quantizer after every ReLU/ReLU6 (``protocol.a_placement=after_relu``, either quantizer);
+  under other protocols the quantizers sit at the input of each quantized Conv/Linear (the core's placement).
 
 Controls (``method.samples``, ``method.finetune``):
 - ``samples=noise|real``: the same student fine-tuning on the run's calibration source (``data=noise`` or
@@ -90,7 +89,7 @@ from dfq_bench.config import ConfigError, UnsupportedError
 from dfq_bench.core.grid import Grid, weight_grid
 from dfq_bench.core.learn import MinMaxSteWeight
 from dfq_bench.core.method import Method, QuantContext, QuantState, copy_frozen
-from dfq_bench.core.modules import EmaActQuant, bake_weights, quant_layers
+from dfq_bench.core.modules import EmaActQuant, a_placement, bake_weights, install_act_quants, quant_layers
 from dfq_bench.core.planner import LayerPlan
 from dfq_bench.graph import canonical
 from dfq_bench.train.zeroshot import ZeroShotTrainer, top1_subset
@@ -329,16 +328,12 @@ class GDFQ(Method):
             raise
 
     def _install_ema(self, state: QuantState) -> list[EmaActQuant]:
-        """The reference's activation quantizers at the input of every planned layer with input bits."""
-        cfg, wrapped, out = self.cfg, quant_layers(state.model), []
+        """The reference's activation quantizers at the protocol's sites (``protocol.a_placement``: every planned
+        layer's input, or after every ReLU/ReLU6 as the reference)."""
+        cfg, device = self.cfg, state.ctx.example_input.device
         granularity = self.activation_granularity(state.protocol)
-        for p in state.plans:
-            if p.a_bits is not None:
-                q = EmaActQuant(p.a_bits, cfg.ema_momentum, cfg.range_inflation, granularity)
-                q.name = p.name
-                wrapped[p.name].act_quant = q.to(state.ctx.example_input.device)
-                out.append(q)
-        return out
+        return install_act_quants(state.model, state.plans, a_placement(state.protocol), lambda bits: EmaActQuant(
+            bits, cfg.ema_momentum, cfg.range_inflation, granularity).to(device))
 
     def train(self, state: QuantState) -> None:
         """The alternating epochs after the warm-up, the accuracy curve, then the weights on their grid."""

@@ -64,6 +64,7 @@ class Genie(Method):
     needs_data = True  # reconstruction needs batches even for weight-only runs
     w_ranges = ("include_zero",)  # its weight range is the Lp search's (protocol.w_range=minmax is refused)
     a_granularities = ("per_tensor",)  # its LSQ activation quantizers learn one step size per tensor
+    a_placements = ("layer_input",)  # its LSQ activation quantizers sit at the input of each reconstructed layer
 
     @dataclass
     class Config:

@@ -12,8 +12,9 @@ data=zeroq`` computes the same model; this entry exists so rows carry the method
 
 Deviations from the reference: the released code quantizes at 8 bits with BN unfolded and its
 activation quantizers after every ReLU (FC input float); here the run's protocol decides BN folding,
-first/last-layer bits and where activation quantizers sit (Conv/Linear inputs), as for every other
-method in a comparison table. The paper's mixed-precision Pareto search was never released; it is
+first/last-layer bits and where activation quantizers sit (Conv/Linear inputs by default;
+``protocol.a_placement=after_relu protocol.last_abits=null`` for the reference's after every ReLU), as for
+every other method in a comparison table. The paper's mixed-precision Pareto search was never released; it is
 implemented for every method as a planner (core/mixed.py: ``mp.allocator=dp``, sensitivities on the
 run's ``data=``, so ``method=zeroq mp.allocator=dp`` measures them on the distilled images).
 """

@@ -40,6 +40,13 @@ class AGranularity(str, Enum):
     dynamic = "dynamic"  # per (sample, channel) min/max over H x W at every call, test time too (GranQ's)
 
 
+class APlacement(str, Enum):
+    """Where activation quantizers sit (``core.modules.install_act_quants``)."""
+
+    layer_input = "layer_input"  # at the input of every quantized Conv/Linear (the image excepted)
+    after_relu = "after_relu"  # after every nn.ReLU/ReLU6 module (GDFQ's family, ZeroQ); layer inputs float
+
+
 class WRange(str, Enum):
     """The range an asymmetric weight grid covers (``core.grid.weight_grid``)."""
 
@@ -81,6 +88,7 @@ class ProtocolConfig:
     w_symmetric: bool = False
     w_range: WRange = WRange.include_zero  # asymmetric weights only; squant_paper: minmax
     a_granularity: AGranularity = AGranularity.per_tensor  # per_tensor | per_channel | dynamic
+    a_placement: APlacement = APlacement.layer_input  # layer_input | after_relu (zsqat_paper)
     a_symmetric: bool = False
     fold_bn: bool = True
     quantize_first_input: bool = False  # quantize the network input (first layer's input)?
@@ -247,6 +255,7 @@ def validate_config(cfg: DictConfig, overrides: Sequence[str] = (), device_here:
     method_cfg = plugin_config(method_cls, cfg.method, "method")
     if cfg.abits is not None:
         _check_a_granularity(method_cls(method_cfg), p, cfg.get("deploy"))
+        _check_a_placement(method_cls(method_cfg), cfg)
     plugin_config(SYNTH.get(cfg.data.name), cfg.data, "data")
     if hasattr(method_cls, "check_data"):  # a method that trains on the run's calibration source names it
         method_cls(method_cfg).check_data(cfg.data.name)
@@ -271,6 +280,30 @@ def _check_a_granularity(method: Any, p: DictConfig, deploy: str | None) -> None
                "the exported activation QuantizeLinear takes one scale per tensor")
         raise ConfigError(f"{key}={gran!r} is invalid with deploy={deploy}: {why}; valid: {key}=per_tensor, or "
                           "deploy=null")
+
+
+def _check_a_placement(method: Any, cfg: DictConfig) -> None:
+    """``protocol.a_placement=after_relu``: the method places its quantizers through the core, with a range rule
+    that needs no layer, one activation bit-width, and no deployed-integer check or mixed precision."""
+    p = cfg.protocol
+    if p.a_placement == APlacement.layer_input:
+        return
+    key, rule = f"protocol.a_placement={p.a_placement.value!r}", p.act_range or method.default_act_range
+    if p.a_placement.value not in method.a_placements:
+        raise ConfigError(f"{key} is not supported by method {method.name} (it places its activation quantizers "
+                          f"itself); valid: {', '.join(method.a_placements)}")
+    problem = next((why for bad, why in (
+        (rule == "bn", "act_range rule 'bn' takes a layer's input range from the BN before it; valid: "
+                       "protocol.act_range=minmax|percentile, or protocol.a_placement=layer_input"),
+        (p.last_abits is not None and p.last_abits != cfg.abits,
+         f"every ReLU output is quantized at abits={cfg.abits}, not protocol.last_abits={p.last_abits}; valid: "
+         "protocol.last_abits=null"),
+        (cfg.get("deploy") is not None, f"deploy={cfg.deploy} exports layer-input quantizers; valid: deploy=null"),
+        (cfg.get("mp") is not None and cfg.mp.allocator != "none",
+         "mixed precision plans bits per layer input; valid: mp.allocator=none"),
+    ) if bad), None)
+    if problem:
+        raise ConfigError(f"{key} is invalid: {problem}")
 
 
 def check_mp(mp, wbits: int, deploy: str | None = None, method_cls: Any = None) -> None:
@@ -417,8 +450,9 @@ def identity_config(cfg: DictConfig) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "logger"):
         d.pop(key, None)
-    if d.get("protocol", {}).get("w_range") == "include_zero":  # every run before the key existed
-        d["protocol"].pop("w_range")
+    for key, default in (("w_range", "include_zero"), ("a_placement", "layer_input")):
+        if d.get("protocol", {}).get(key) == default:  # every run before the key existed
+            d["protocol"].pop(key)
     dfq = d.get("method") or {}  # DFQ's pairwise-only CLE (every run before the key existed), or no CLE
     if dfq.get("name") == "dfq" and (dfq.get("cle_triplets") is False or dfq.get("cle") is False):
         dfq.pop("cle_triplets", None)

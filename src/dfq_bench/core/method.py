@@ -110,6 +110,7 @@ class Method:
     weight_quantizer = "baked"  # "baked": weights replaced by their levels | "ste": trainable on the grid
     mp_refusal: str | None = None  # why this method cannot take a mixed-precision plan (``mp.allocator``)
     a_granularities = ("per_tensor", "per_channel", "dynamic")  # activation granularities its quantizers honour
+    a_placements = ("layer_input", "after_relu")  # protocol.a_placement values its quantizers honour
 
     @dataclass
     class Config:

@@ -271,3 +271,61 @@ def quantize_weights(model: nn.Module, plans: list[LayerPlan], protocol, round_f
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+A_PLACEMENTS = ("layer_input", "after_relu")  # protocol.a_placement
+RELUS = (nn.ReLU, nn.ReLU6)
+
+
+def a_placement(protocol) -> str:
+    """The protocol's ``a_placement`` as a string (``layer_input`` where it has none)."""
+    value = getattr(protocol, "a_placement", None) or "layer_input"
+    return str(getattr(value, "value", value))
+
+
+class ActAfter(nn.Module):
+    """An activation module (ReLU/ReLU6) and the quantizer of its output (``protocol.a_placement=after_relu``)."""
+
+    def __init__(self, act: nn.Module, act_quant: ActQuant):
+        super().__init__()
+        self.act, self.act_quant = act, act_quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act_quant(self.act(x))
+
+
+def install_act_quants(model: nn.Module, plans: list[LayerPlan], placement: str, make) -> list[ActQuant]:
+    """Puts a quantizer ``make(bits)`` at every site of ``placement`` and returns them, each named after its site.
+
+    ``layer_input`` (the core's): in front of every planned layer with input bits (``QuantLayer.act_quant``), at
+    those bits. ``after_relu`` (the zero-shot QAT references' and ZeroQ's): after every ``nn.ReLU``/``nn.ReLU6``
+    module, which is wrapped in an ``ActAfter``, at the planned layers' one input bit-width; no layer input is
+    quantized there, so a value that leaves no ReLU (the image, a residual add, a linear bottleneck's output)
+    stays float. A ReLU module called at several places (``self.relu`` used twice) shares one quantizer."""
+    if placement not in A_PLACEMENTS:
+        raise ValueError(f"activation placement {placement!r} is unknown; valid: {', '.join(A_PLACEMENTS)}")
+    out = []
+    if placement == "layer_input":
+        wrapped = quant_layers(model)
+        for p in plans:
+            if p.a_bits is not None:
+                out.append(make(p.a_bits))
+                out[-1].name, wrapped[p.name].act_quant = p.name, out[-1]
+        return out
+    bits = {p.a_bits for p in plans if p.a_bits is not None}
+    if len(bits) > 1:
+        raise ValueError(f"activation placement after_relu quantizes every ReLU output at one bit-width, but the "
+                         f"planned layers' inputs have {sorted(bits)}")
+    sites = [n for n, m in model.named_modules() if isinstance(m, RELUS)] if bits else []
+    if bits and not sites:
+        raise ValueError("activation placement after_relu found no nn.ReLU/nn.ReLU6 module in the model")
+    for name in sites:
+        act = model.get_submodule(name)
+        out.append(make(next(iter(bits))).to(_device_of(model)))
+        out[-1].name = name
+        _set_submodule(model, name, ActAfter(act, out[-1]))
+    return out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

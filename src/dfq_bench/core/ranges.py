@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfq_bench.core.modules import ActQuant, quant_layers
+from dfq_bench.core.modules import ActQuant, a_placement, install_act_quants
 from dfq_bench.core.planner import LayerPlan
 from dfq_bench.graph import bn_producers
 from dfq_bench.registry import Registry
@@ -107,7 +107,8 @@ def calibrate_activations(
     rule_options: dict | None = None,
     granularity: str | None = None,
 ) -> dict:
-    """Puts an ``ActQuant`` in front of every layer the plan gives input bits, and sets its range.
+    """Puts an ``ActQuant`` at every site of ``protocol.a_placement`` (``core.modules.install_act_quants``: in front
+    of every layer the plan gives input bits, or after every ReLU/ReLU6), and sets its range.
 
     Args:
         rule: a ``RANGE_RULES`` name.
@@ -130,24 +131,23 @@ def calibrate_activations(
         granularity = str(getattr(granularity, "value", granularity))
     check_granularity(rule, granularity)
     options = {**(rule_options or {}), **({"per_channel": True} if granularity == "per_channel" else {})}
-    wrapped = quant_layers(qmodel)
+    placement = a_placement(protocol)
+    if placement != "layer_input" and rule == "bn":
+        raise ValueError(f"act_range rule 'bn' sets the range of a layer's input from the BN before it; it has "
+                         f"no range for activation placement {placement!r}")
     bn_src = {}
     if rule == "bn" and bn_sources is not None:
         bn_src = bn_sources
     elif rule == "bn" and float_model is not None:
         bn_src = bn_producers(float_model)
     observing, n_bn = [], 0
-    for p in plans:
-        if p.a_bits is None:
-            continue
-        aq = ActQuant(p.a_bits, protocol.a_symmetric, granularity)
-        aq.name = p.name
-        wrapped[p.name].act_quant = aq
-        if p.name in bn_src:
-            aq.set_range(*bn_range(*bn_src[p.name]))
+    for aq in install_act_quants(qmodel, plans, placement,
+                                 lambda bits: ActQuant(bits, protocol.a_symmetric, granularity)):
+        if aq.name in bn_src:
+            aq.set_range(*bn_range(*bn_src[aq.name]))
             n_bn += 1
         else:
-            aq.rule, aq.state = rule_cls(p.a_bits, protocol, **options), "observe"
+            aq.rule, aq.state = rule_cls(aq.bits, protocol, **options), "observe"
             observing.append(aq)
     if observing:
         if not batches:
