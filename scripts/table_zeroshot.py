@@ -40,6 +40,10 @@ def label(row: dict) -> str:
     if "samples" in c and (c["samples"] != "generator" or not c.get("finetune", True)):
         name += (f": {c['samples']} images" if c["samples"] != "generator" else ": generator")
         name += "" if c.get("finetune", True) else ", calibration only"
+    p = row.get("protocol") or {}
+    if p.get("name", "common") != "common":  # the references' protocol: where the activation quantizers sit
+        where = "after every ReLU" if p.get("a_placement") == "after_relu" else "at layer inputs"
+        name += f" [{p['name']}, acts {where}, {c.get('quantizer', 'protocol')} quantizer]"
     return name
 
 
