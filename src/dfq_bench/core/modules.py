@@ -304,12 +304,12 @@ def install_act_quants(model: nn.Module, plans: list[LayerPlan], placement: str,
     stays float. A ReLU module called at several places (``self.relu`` used twice) shares one quantizer."""
     if placement not in A_PLACEMENTS:
         raise ValueError(f"activation placement {placement!r} is unknown; valid: {', '.join(A_PLACEMENTS)}")
-    out = []
+    out, device = [], _device_of(model)  # on the model's device: calibration and training run there
     if placement == "layer_input":
         wrapped = quant_layers(model)
         for p in plans:
             if p.a_bits is not None:
-                out.append(make(p.a_bits))
+                out.append(make(p.a_bits).to(device))
                 out[-1].name, wrapped[p.name].act_quant = p.name, out[-1]
         return out
     bits = {p.a_bits for p in plans if p.a_bits is not None}
@@ -321,11 +321,11 @@ def install_act_quants(model: nn.Module, plans: list[LayerPlan], placement: str,
         raise ValueError("activation placement after_relu found no nn.ReLU/nn.ReLU6 module in the model")
     for name in sites:
         act = model.get_submodule(name)
-        out.append(make(next(iter(bits))).to(_device_of(model)))
+        out.append(make(next(iter(bits))).to(device))
         out[-1].name = name
         _set_submodule(model, name, ActAfter(act, out[-1]))
     return out
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return next(model.parameters(), torch.empty(0)).device
