@@ -228,6 +228,36 @@ def test_many_settings_of_interleaved_methods_are_told_apart_and_equal_ones_pool
     assert (s[("dfq", "W4A4")]["n"], s[("dfq", "W4A4")]["top1_mean"]) == ("2", "31.0000")
 
 
+def test_a_row_from_before_a_protocol_key_pools_with_one_that_has_its_default(tmp_path):
+    """results.ADDED_DEFAULTS: a row written before protocol.a_placement (or w_range) existed ran with its default,
+    so it pools with a newer row of the same setting; a row at another value is its own variant."""
+    rows = [make_row("old", seed=0, top1=50.0),
+            make_row("new", seed=1, top1=54.0, protocol={**COMMON, "a_placement": "layer_input",
+                                                         "w_range": "include_zero"}),
+            make_row("relu", seed=0, top1=40.0, protocol={**COMMON, "a_placement": "after_relu"})]
+    write(tmp_path / "in" / "runs.jsonl", rows)
+    report.report([tmp_path / "in" / "runs.jsonl"], tmp_path / "out", make_plots=False, html=False)
+    s = summary_rows(tmp_path / "out")
+    assert sorted(s) == [("rtn protocol.a_placement=after_relu", "W4A4"),
+                         ("rtn protocol.a_placement=layer_input", "W4A4")]
+    pooled = s[("rtn protocol.a_placement=layer_input", "W4A4")]
+    assert (pooled["n"], pooled["n_seeds"], pooled["top1_mean"]) == ("2", "2", "52.0000")
+
+
+def test_variant_labels_keep_only_the_facets_a_preset_name_does_not_give(tmp_path):
+    """Two presets: the facets that differ between them (fold_bn, first_wbits) are told by the preset name and left
+    out; one that takes two values inside a preset (a_placement inside squant_paper) is kept."""
+    rows = [make_row("c", top1=50.0),
+            make_row("p1", top1=51.0, protocol={**PAPER_PROTO, "a_placement": "after_relu"}),
+            make_row("p2", top1=52.0, protocol={**PAPER_PROTO, "a_placement": "layer_input"})]
+    write(tmp_path / "in" / "runs.jsonl", rows)
+    report.report([tmp_path / "in" / "runs.jsonl"], tmp_path / "out", make_plots=False, html=False)
+    assert {v: r["top1_mean"] for (v, _), r in summary_rows(tmp_path / "out").items()} == {
+        "rtn protocol=common protocol.a_placement=layer_input": "50.0000",
+        "rtn protocol=squant_paper protocol.a_placement=after_relu": "51.0000",
+        "rtn protocol=squant_paper protocol.a_placement=layer_input": "52.0000"}
+
+
 def test_bench_report_prints_the_tables_time_against_the_3_s_target():
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_report.py"), "--rows", "300", "--repeats", "1",
                           "--tables-only"], capture_output=True, text=True, timeout=300)

@@ -19,6 +19,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dfq_bench.results import ADDED_DEFAULTS
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "dataset", "method", "protocol", "data", "logger", "experiment")
 NATURAL_KEYS = ("views", "scales", "view_seed")  # DatasetConfig keys only dataset=natural_images reads
@@ -450,7 +452,7 @@ def identity_config(cfg: DictConfig) -> dict:
     d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "logger"):
         d.pop(key, None)
-    for key, default in (("w_range", "include_zero"), ("a_placement", "layer_input")):
+    for key, default in ADDED_DEFAULTS["protocol"].items():
         if d.get("protocol", {}).get(key) == default:  # every run before the key existed
             d["protocol"].pop(key)
     dfq = d.get("method") or {}  # DFQ's pairwise-only CLE (every run before the key existed), or no CLE

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfq_bench.results import LastOk, fields, row_problem
+from dfq_bench.results import ADDED_DEFAULTS, LastOk, fields, row_problem
 
 
 def bits_label(wbits, abits) -> str:
@@ -140,6 +140,7 @@ def _facets(sig: tuple) -> dict:
     for name, node in zip(SIG_FIELDS, sig, strict=True):
         prefix = _SHORT.get(name, name)
         if isinstance(node, dict):
+            node = {**ADDED_DEFAULTS.get(name, {}), **node}  # a row from before a key existed: its default
             if name != "method_cfg":  # the method's name is in the key already
                 d[prefix] = node.get("name")
             d.update((f"{prefix}.{k}", v) for k, v in node.items() if k != "name")
@@ -150,7 +151,8 @@ def _facets(sig: tuple) -> dict:
 
 def _labels(distinct: list[tuple], runs: pd.DataFrame) -> list[str]:
     """The variant label of each setting code: its method and the facets that take several values inside one
-    cell of it, reduced to the preset names (``protocol``, ``data``) where those already tell them apart."""
+    cell of it, less those that the preset name (``protocol``, ``data``) gives one value each (the name says them).
+    A row without a key of ``results.ADDED_DEFAULTS`` reads as that key's default (it ran with it)."""
     facets, by_method = [_facets(sig) for *_, sig in distinct], defaultdict(list)
     for code, w, a in runs[["code", "wbits", "abits"]].drop_duplicates().itertuples(index=False):
         by_method[distinct[code][:3]].append((code, (w, None if a != a else a)))
@@ -161,12 +163,11 @@ def _labels(distinct: list[tuple], runs: pd.DataFrame) -> list[str]:
             for k, v in f.items():
                 values[cell, k].add(v)
         keep = {k for (_, k), vs in values.items() if len(vs) > 1}
-        for prefix in ("protocol", "data"):
-            within = sorted(k for k in keep if k.startswith(prefix + "."))
-            if prefix in keep and within and all(
-                    len({tuple(f.get(k) for k in within) for f in fs if f.get(prefix) == name}) == 1
-                    for name in {f.get(prefix) for f in fs}):
-                keep -= set(within)
+        for prefix in ("protocol", "data"):  # a facet that one value per preset name gives is the name's
+            if prefix in keep:
+                names = {f.get(prefix) for f in fs}
+                keep -= {k for k in keep if k.startswith(prefix + ".") and all(
+                    len({f.get(k) for f in fs if f.get(prefix) == name}) == 1 for name in names)}
         for c, _ in items:
             labels[c] = " ".join([method, *(f"{k}={facets[c][k]}" for k in sorted(keep)
                                             if facets[c].get(k) is not None)])
