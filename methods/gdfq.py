@@ -330,10 +330,9 @@ class GDFQ(Method):
     def _install_ema(self, state: QuantState) -> list[EmaActQuant]:
         """The reference's activation quantizers at the protocol's sites (``protocol.a_placement``: every planned
         layer's input, or after every ReLU/ReLU6 as the reference)."""
-        cfg, device = self.cfg, state.ctx.example_input.device
-        granularity = self.activation_granularity(state.protocol)
+        cfg, granularity = self.cfg, self.activation_granularity(state.protocol)
         return install_act_quants(state.model, state.plans, a_placement(state.protocol), lambda bits: EmaActQuant(
-            bits, cfg.ema_momentum, cfg.range_inflation, granularity).to(device))
+            bits, cfg.ema_momentum, cfg.range_inflation, granularity))
 
     def train(self, state: QuantState) -> None:
         """The alternating epochs after the warm-up, the accuracy curve, then the weights on their grid."""
