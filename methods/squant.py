@@ -50,6 +50,8 @@ Deviations from the reference, all recorded here:
   errors; the reference sums in float32 in an unspecified order. Decisions can differ only where a
   float32 sum lands within float32 rounding of a .5 boundary or an integer.
 - Equal priorities: broken by index (above). Seeded noise: the reference sets no seed.
+- Device: the flips run on the CPU whatever the model's device (their per-kernel bookkeeping is numpy);
+  weights on a GPU are copied there and the levels back. The reference flips on the GPU.
 - Activation std of fewer than two entries (e.g. an all-zero input) is undefined (NaN in the
   reference); we fall back to alpha = max |x| there.
 """
@@ -117,7 +119,7 @@ def flip_levels(
         Levels as a tensor of x's dtype and shape, clamped to [qmin, qmax].
     """
     shape, out = x.shape, x.shape[0]
-    x3 = x.detach().reshape(out, shape[1] if x.dim() > 1 else 1, -1)
+    x3 = x.detach().cpu().reshape(out, shape[1] if x.dim() > 1 else 1, -1)  # numpy bookkeeping: on the CPU
     if x3.dtype not in (torch.float32, torch.float64):
         x3 = x3.float()
     levels = torch.empty_like(x3)
@@ -127,7 +129,7 @@ def flip_levels(
         changed = _channel_stage(x3.reshape(out, -1), qmin, qmax, channel, levels.view(out, -1))
     if stats is not None:
         stats["changed"] = stats.get("changed", 0) + int(changed)
-    return levels.reshape(shape).to(x.dtype)
+    return levels.reshape(shape).to(x.device, x.dtype)
 
 
 def _map_blocks(fn, n: int, size: int) -> list:

@@ -2,7 +2,7 @@
 loop-per-kernel reference (tests/test_squant.py), and measures its peak extra memory.
 
     python scripts/bench_squant.py [--models resnet18,resnet50,mobilenet_v2] [--bits 4] [--repeats 5]
-                                   [--threads 1,2]
+                                   [--threads 1,2] [--device cpu|cuda]
 
 Weights are random-init (timing does not depend on them). One pass = every Conv/Linear weight
 through the per-channel asymmetric grid (``weight_grid``) and ``Squant.round_weights``, as in
@@ -18,7 +18,12 @@ layer (about ``--ref-elems`` weights in all; stage C is per output channel, so a
 an exact sub-problem), its levels are checked against SQuant's on those channels, and its time is
 extrapolated linearly in the number of weights (printed as such).
 
-Memory: in a fresh subprocess, after building the model, ``gc`` and ``malloc_trim``, the kernel's
+``--device cuda``: the weights live on the GPU and each pass ends with ``torch.cuda.synchronize()``
+(the CPU time column is then the host's); the thread count sets the host's threads only; the loop
+reference runs on CPU copies of the same channels; memory is the peak of torch's CUDA allocator during
+one pass, less what it held before (``torch.cuda.max_memory_allocated``), in this process.
+
+Memory (CPU): in a fresh subprocess, after building the model, ``gc`` and ``malloc_trim``, the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs`` = 5); one pass runs; extra = VmHWM - VmRSS
 before the pass. This counts everything the pass touches (torch temporaries, allocator slack),
 unlike tracemalloc, which does not see torch's allocations.
@@ -57,10 +62,17 @@ def load_reference():
     return module.reference_levels
 
 
-def model_weights(name: str) -> list[torch.Tensor]:
+def model_weights(name: str, device: str = "cpu") -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
-    return [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m.weight.detach().to(device) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def synced(fn, device: str):
+    """``fn`` followed by a CUDA synchronize where the weights are on the GPU (its kernels are asynchronous)."""
+    if device == "cpu":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize())
 
 
 def squant_pass(weights, bits: int, method: Squant) -> None:
@@ -98,9 +110,9 @@ def reference_subset(weights, bits: int, budget: int, reference, method: Squant)
         n = max(1, round(w.shape[0] * frac))
         grid = weight_grid(w, bits, per_channel=True, symmetric=False)
         x = grid.scaled(w)
-        fast = method.round_weights(w, grid, None)[:n]
+        fast = method.round_weights(w, grid, None)[:n].cpu()
         t0 = time.perf_counter()
-        ref = reference(x[:n], grid.qmin, grid.qmax)
+        ref = reference(x[:n].cpu(), grid.qmin, grid.qmax)
         seconds += time.perf_counter() - t0
         agree &= torch.equal(ref, fast)
         elems += x[:n].numel()
@@ -127,6 +139,16 @@ def memory_child(name: str, bits: int) -> None:
     print(json.dumps({"extra_bytes": (peak - before) * 1024}))
 
 
+def cuda_memory(weights, bits: int, method: Squant) -> int:
+    """Peak bytes torch's CUDA allocator holds during one pass beyond what it held before."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    squant_pass(weights, bits, method)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def measure_memory(name: str, bits: int) -> int:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", name, "--bits", str(bits)],
@@ -141,30 +163,35 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the weights and the passes run")
     ap.add_argument("--ref-elems", type=int, default=150_000, help="weights the loop reference runs on")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.bits)
         return
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        sys.exit(f"--device {args.device}: valid: cpu, or cuda where torch sees a GPU "
+                 f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
     reference = load_reference()
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"torch {torch.__version__}, threads {args.threads}, W{args.bits} per-channel asymmetric, "
+    where = "CPU" if args.device == "cpu" else f"{torch.cuda.get_device_name(args.device)} ({args.device})"
+    print(f"{where}, torch {torch.__version__}, threads {args.threads}, W{args.bits} per-channel asymmetric, "
           f"RTN and SQuant alternating, median of {args.repeats} after a warm-up; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     header = f"{'model':13s}{'weights':>9s}{'thr':>4s}{'RTN s':>8s}{'SQuant s':>10s}{'cpu s':>8s}{'/RTN':>6s}"
     print(header + f"{'loop ref s*':>12s}{'ref/SQ':>8s}{'agree':>7s}{'extra MB':>10s}{'/weights':>10s}")
     default_threads = torch.get_num_threads()
     for name in args.models.split(","):
-        weights = model_weights(name)
+        weights = model_weights(name, args.device)
         size = sum(w.numel() * w.element_size() for w in weights)
         method = Squant()
         ref = reference_subset(weights, args.bits, args.ref_elems, reference, method)
-        extra = measure_memory(name, args.bits)
+        extra = measure_memory(name, args.bits) if args.device == "cpu" else cuda_memory(weights, args.bits, method)
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            t = timed_pair(lambda w=weights: rtn_pass(w, args.bits),
-                           lambda w=weights, m=method: squant_pass(w, args.bits, m), args.repeats)
+            t = timed_pair(synced(lambda w=weights: rtn_pass(w, args.bits), args.device),
+                           synced(lambda w=weights, m=method: squant_pass(w, args.bits, m), args.device), args.repeats)
             line = (f"{name:13s}{size / 2**20:>7.1f}MB{n_threads:>4d}{t['rtn']:>8.3f}{t['squant']:>10.3f}"
                     f"{t['cpu']:>8.3f}{t['ratio']:>6.2f}{ref['extrapolated']:>12.1f}"
                     f"{ref['extrapolated'] / t['squant']:>8.0f}")
