@@ -151,7 +151,7 @@ def in_apply(layer: nn.Module, w: Tensor, v: Tensor) -> Tensor:
         return w.reshape(out, v.numel(), -1).sum(-1) @ v
     g, ipg = _groups(layer), w.shape[1]
     ws = w.reshape(out, ipg, -1).sum(-1)
-    vg = v.reshape(g, ipg)[torch.arange(out) // (out // g)]
+    vg = v.reshape(g, ipg)[torch.arange(out, device=v.device) // (out // g)]
     return (ws * vg).sum(1)
 
 
@@ -195,9 +195,9 @@ class _ScaledLayer:
             self.mx, self.mn = w3.amax(-1), w3.amin(-1)
         else:
             self.mx, self.mn = w3.abs().amax(-1), None
-        self.row_group = torch.arange(out) // self.opg
-        self.s_out = torch.ones(out, dtype=torch.float64)
-        self.s_in = torch.ones(self.g * self.ipg, dtype=torch.float64)
+        self.row_group = torch.arange(out, device=w.device) // self.opg
+        self.s_out = torch.ones(out, dtype=torch.float64, device=w.device)
+        self.s_in = torch.ones(self.g * self.ipg, dtype=torch.float64, device=w.device)
 
     def out_range(self) -> Tensor:
         t = 1.0 / self.s_in.reshape(self.g, self.ipg)[self.row_group]
@@ -383,8 +383,9 @@ def float_facts(model: nn.Module) -> _FloatFacts:
     for name, m in ref.named_modules():
         if is_plain_bn(m):
             n = m.num_features
-            gamma = m.weight.detach().double() if m.affine else torch.ones(n, dtype=torch.float64)
-            beta = m.bias.detach().double() if m.affine else torch.zeros(n, dtype=torch.float64)
+            dev = m.running_mean.device if m.running_mean is not None else None
+            gamma = m.weight.detach().double() if m.affine else torch.ones(n, dtype=torch.float64, device=dev)
+            beta = m.bias.detach().double() if m.affine else torch.zeros(n, dtype=torch.float64, device=dev)
             stats[name] = (beta.clone(), gamma.abs().clone())
     try:
         bn_of = dict(conv_bn_pairs(ref))

@@ -58,7 +58,7 @@ class Percentile:
         flat = x.detach().reshape(-1).float()
         if flat.numel() > _MAX_QUANTILE_ELEMS:  # deterministic subsample keeps the distribution
             flat = flat[:: flat.numel() // _MAX_QUANTILE_ELEMS + 1]
-        qs = torch.quantile(flat, torch.tensor([1.0 - self.q, self.q]))
+        qs = torch.quantile(flat, torch.tensor([1.0 - self.q, self.q], device=flat.device))
         self.los.append(float(qs[0]))
         self.his.append(float(qs[1]))
 
