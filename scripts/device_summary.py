@@ -8,6 +8,7 @@ time steps, the seconds per step), then CUDA - CPU top-1 where both devices ran 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dfq_bench.results import read_rows
 
@@ -44,6 +45,9 @@ def per_step(row: dict) -> str:
 
 def main(path: str) -> int:
     errors: list[str] = []
+    if not Path(path).is_file():
+        print(f"{path}: no rows (no run got as far as writing one)")
+        return 1
     rows = list(read_rows(path, errors))
     print(f"{'method':12s}{'preset':>7s} {'model':20s}{'device':>7s}{'status':>7s}{'top1':>7s}{'agree':>7s}"
           f"{'KL':>8s}{'t_synth':>9s}{'t_quant':>9s}{'t_eval':>8s}  per step / error")
