@@ -39,7 +39,9 @@ LIMIT=null; STEPS=20; GB=128; ZB=200; BENCH="--repeats 3 --models resnet18,mobil
 if [ "$QUICK" = 1 ]; then LIMIT=300; STEPS=2; GB=8; ZB=8; BENCH="--repeats 1 --models mobilenet_v2 --ref-elems 20000"; fi
 R="results_dir=$OUT progress=false skip_done=false"
 step() { local limit=$1; shift; echo; echo "=== $(date -u +%T) $*"; timeout "$limit" "$@"; echo "=== rc $?"; }
-cli() {  # a leading -m (Hydra's multirun: one process, the jobs in turn) goes first, as the CLI parses it
+# A leading -m (Hydra's multirun: one process, the jobs in turn) goes first, as the CLI parses it; in a multirun
+# over method=, a key of those methods is written ++method.key (the default method, squant, lacks it).
+cli() {
   local limit=$1 m=(); shift; [ "$1" = -m ] && m=(-m) && shift
   step "$limit" $PY -m dfq_bench "${m[@]}" $R "$@"
 }
@@ -51,7 +53,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'threads', 
 # Most telling first: the script may be stopped at the tool's limit, and the rows written so far come back.
 F=(model=resnet20_fmnist $ROOT dataset.limit=$LIMIT wbits=4 abits=4)
 Q=(); G=(); Z=()
-[ "$QUICK" = 1 ] && Q=(method.iters_per_epoch=$STEPS) && G=(data.steps=$STEPS method.steps=$STEPS) && Z=(data.steps=$STEPS)
+[ "$QUICK" = 1 ] && Q=(++method.iters_per_epoch=$STEPS) && G=(data.steps=$STEPS method.steps=$STEPS) && Z=(data.steps=$STEPS)
 cli 150 -m method=rtn,squant,dfq,powerquant,rex device=$DEV "${F[@]}"
 cli 120 method=zeroq device=$DEV "${F[@]}" "${Z[@]}"
 cli 120 method=genie_cpu device=$DEV "${F[@]}" "${G[@]}"
@@ -60,8 +62,8 @@ step 120 $PY scripts/bench_squant.py --device "$DEV" --threads "$(nproc)" $BENCH
 
 N=(model=efficientnet_lite0 dataset=natural_images wbits=4 abits=4)
 cli 150 method=genie device=$DEV "${N[@]}" data.num_samples=$GB data.batch_size=$GB data.steps=$STEPS method.steps=$STEPS
-cli 200 -m method=gdfq,adadfq device=$DEV "${N[@]}" method.epochs=2 method.warmup_epochs=1 \
-    method.iters_per_epoch=$STEPS method.batch_size=$ZB method.calib_images=$((2 * ZB)) method.eval_images=100
+cli 200 -m method=gdfq,adadfq device=$DEV "${N[@]}" ++method.epochs=2 ++method.warmup_epochs=1 \
+    ++method.iters_per_epoch=$STEPS ++method.batch_size=$ZB ++method.calib_images=$((2 * ZB)) ++method.eval_images=100
 cli 120 method=squant device=$DEV "${N[@]}"  # results/natural_images has its CPU row (top-1 63.8, KL 2.833)
 cli 60 method=rtn device=$DEV deploy=onnxruntime "${F[@]}"
 [ "$DEV" != cpu ] && cli 120 -m method=rtn,squant,dfq device=cpu "${F[@]}"

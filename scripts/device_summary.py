@@ -29,7 +29,10 @@ def per_step(row: dict) -> str:
         return ""
     if row.get("method") == "genie":
         blocks = row.get("n_blocks")
-        d = f"GENIE-D {num((row.get('t_synth_s') or 0) / max(1, data.get('steps', 1)), '.3f')} s/step"
+        info = row.get("data_info") or {}  # a cache hit carries the generation time of the run that made the data
+        made = info.get("t_generate_s", row.get("t_synth_s") or 0)
+        d = (f"GENIE-D {num(made / max(1, data.get('steps', 1)), '.3f')} s/step"
+             + (" (cached data: as made then)" if info.get("cache") == "hit" else ""))
         m = (f", GENIE-M {num(row['t_quant_s'] / (cfg['steps'] * blocks), '.4f')} s/step over {blocks} blocks"
              if blocks and row.get("t_quant_s") else "")
         return d + m

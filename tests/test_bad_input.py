@@ -107,6 +107,14 @@ def test_cuda_device_that_torch_does_not_see(monkeypatch, device, count, message
     (["-m", "method=rtn", "protocol.w_granularity=per_channel,per_chanel"],
      "protocol.w_granularity: Invalid value 'per_chanel', expected one of [per_tensor, per_channel]"),
     (["-m", "method=rtn,squant", "wbits=4,8"], None),
+    # a key of the swept methods that the default method (squant) lacks: Hydra's own error, and how to set it
+    (["-m", "method=gdfq_cpu,adadfq_cpu", "method.iters_per_epoch=2"],
+     "method.iters_per_epoch: Key 'iters_per_epoch' is not in struct (a multirun over method= applies "
+     "method.iters_per_epoch=2 to the default method first, which lacks the key; write ++method.iters_per_epoch=2 "
+     "to set it in every job)"),
+    (["-m", "method=gdfq_cpu,adadfq_cpu", "++method.iters_per_epoch=2"], None),
+    (["-m", "method=gdfq_cpu,adadfq_cpu", "++method.iters_per_epohc=2"],
+     "method.gdfq: Key 'iters_per_epohc' not in 'Config'"),
 ])
 def test_every_job_of_a_multirun_is_checked_first(monkeypatch, argv, message):
     from dfq_bench.run.cli import sweep_error

@@ -177,7 +177,7 @@ def sweep_error(argv: list[str]) -> str | None:
                 params + list(master.hydra.overrides.task))
             (jobs,) = BasicSweeper.split_arguments(parsed, None)
         except Exception as e:
-            return _first_line(e)
+            return _first_line(e) + _swept_group_hint(e, overrides)
         here = master.hydra.launcher._target_ in LOCAL_LAUNCHERS
         for job in jobs:
             try:
@@ -194,6 +194,20 @@ def sweep_error(argv: list[str]) -> str | None:
             except Exception:  # e.g. an interpolation only the running job can resolve: it checks itself
                 log.debug("job %s not checked before the sweep", job, exc_info=True)
     return None
+
+
+def _swept_group_hint(e: Exception, overrides: list[str]) -> str:
+    """Where a multirun sweeps a group (``method=gdfq_cpu,adadfq_cpu``) and sets a key its default option lacks
+    (``method.iters_per_epoch=2``): Hydra applies the fixed overrides to the config of the group's default
+    first, so the key is 'not in struct' there; ``++key=value`` sets it in every job."""
+    key = getattr(e.__cause__ or e, "full_key", None)
+    group = str(key).partition(".")[0] if key else ""
+    swept = any(o.partition("=")[0].lstrip("+~") == group and "," in o.partition("=")[2] for o in overrides)
+    given = next((o for o in overrides if o.partition("=")[0] == key), None)
+    if not (swept and given and "not in struct" in str(e.__cause__ or e)):
+        return ""
+    return (f" (a multirun over {group}= applies {given} to the default {group} first, which lacks the key; "
+            f"write ++{given} to set it in every job)")
 
 
 def _check_job_options(job: list[str]) -> None:
