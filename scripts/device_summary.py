@@ -18,7 +18,9 @@ def num(v, spec: str = ".2f") -> str:
 
 
 def device(row: dict) -> str:
-    """The run's ``device=`` (a row records it in its ``command`` only, where it is not the default)."""
+    """The run's ``device=``: the row's ``device``, else (a row made before that field) its ``command``'s."""
+    if row.get("device"):
+        return str(row["device"])
     return next((t.partition("=")[2] for t in (row.get("command") or "").split() if t.startswith("device=")), "cpu")
 
 

@@ -19,7 +19,7 @@ ROW_FIELDS = {
     "run_id", "status", "error", "method", "method_version", "model", "dataset", "wbits", "abits",
     "seed", "protocol", "top1", "top5", "top1_fp32", "top5_fp32", "agree_fp32", "kl_fp32", "n_eval",
     "t_synth_s", "t_quant_s", "t_eval_s", "t_eval_fp32_s", "peak_rss_mb", "git_sha", "git_dirty",
-    "versions", "device_name", "started_at",
+    "versions", "device", "device_name", "started_at",
 }
 SMOKE = ["method=rtn", "model=test_cnn", "dataset=fake", "wbits=4", "abits=8"]
 

@@ -14,7 +14,7 @@ It is meant to be run from the repository root of a clone. Left out: ``hydra.*``
 multirun job's command is a single run) and ``progress`` (a progress bar; nothing in the row). Kept when not
 the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, ``skip_done`` and the ``logger``
 keys, since they decide where the row goes, whether the run happens and what it mirrors; and ``device``, which
-the run_id hashes (no row field records it; ``device_name`` names the processor or GPU).
+the run_id hashes (the row's ``device``; rows made before that field lack it and ran on the CPU).
 Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights``
 file (identified by its content, not its path) are written relative to the repository root when inside it
 (``model.weights`` and ``eval_cache``, which are read with expanduser: ``~/...`` under the home directory, so

@@ -184,6 +184,7 @@ def provenance(cfg: DictConfig) -> dict:
         "git_sha": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "versions": _versions(),
+        "device": str(cfg.device),
         "device_name": device_name(cfg.device),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
