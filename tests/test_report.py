@@ -244,6 +244,19 @@ def test_a_row_from_before_a_protocol_key_pools_with_one_that_has_its_default(tm
     assert (pooled["n"], pooled["n_seeds"], pooled["top1_mean"]) == ("2", "2", "52.0000")
 
 
+def test_a_gpu_run_is_its_own_variant_and_a_row_from_before_the_device_field_reads_as_cpu(tmp_path):
+    """results.ADDED_FIELD_DEFAULTS: every row before the `device` field ran on the CPU, so it pools with a newer
+    CPU row; the same setting run with device=cuda is a variant of its own, labelled so."""
+    rows = [make_row("old", seed=0, top1=50.0), make_row("cpu", seed=1, top1=54.0, device="cpu"),
+            make_row("gpu", seed=0, top1=51.0, device="cuda")]
+    write(tmp_path / "in" / "runs.jsonl", rows)
+    report.report([tmp_path / "in" / "runs.jsonl"], tmp_path / "out", make_plots=False, html=False)
+    s = summary_rows(tmp_path / "out")
+    assert sorted(s) == [("rtn device=cpu", "W4A4"), ("rtn device=cuda", "W4A4")]
+    assert (s[("rtn device=cpu", "W4A4")]["n"], s[("rtn device=cpu", "W4A4")]["top1_mean"]) == ("2", "52.0000")
+    assert (s[("rtn device=cuda", "W4A4")]["n"], s[("rtn device=cuda", "W4A4")]["top1_mean"]) == ("1", "51.0000")
+
+
 def test_variant_labels_keep_only_the_facets_a_preset_name_does_not_give(tmp_path):
     """Two presets: the facets that differ between them (fold_bn, first_wbits) are told by the preset name and left
     out; one that takes two values inside a preset (a_placement inside squant_paper) is kept."""

@@ -21,6 +21,9 @@ RUNS_FILE = "runs.jsonl"
 # the run_id leaves a key out at that value (config.identity_config), and the reporter reads a row without it
 # as having it (results/report.py), so old and new rows of one setting pool.
 ADDED_DEFAULTS: dict[str, dict[str, str]] = {"protocol": {"w_range": "include_zero", "a_placement": "layer_input"}}
+# Row fields added after rows had been written without them, and the value those rows had: the reporter reads a
+# row without one as having it (every row before the `device` field ran on the CPU).
+ADDED_FIELD_DEFAULTS: dict[str, str] = {"device": "cpu"}
 
 # The core fields of a row, by group: "fields": meaning. README.md's table is schema_table()
 # (tests/test_rows.py checks it, and that a real row has every field). Methods add their own counts

@@ -11,7 +11,7 @@ belongs, an ok row without top1 unless none of its views has a label: ``results.
 The ok rows become a pandas DataFrame, grouped by (model, dataset, method, bit-width label ``W4A4`` /
 ``W4A32`` for weight-only) and pooled over seeds into another, a line per cell (``aggregate``): mean ±
 sample std over its n runs (std needs n >= 2). Runs of one method that differ in anything else recorded
-in the row (protocol, calibration data, method options, method version, weights, n_eval) are not pooled:
+in the row (protocol, calibration data, method options, method version, weights, n_eval, device) are not pooled:
 such a method gets one table row per variant, labelled with the differing values (``squant
 protocol=squant_paper``). Deltas to FP32 are computed here, per row, as top1 - top1_fp32 of the same
 row. The tables are pivots of the cells (methods x bit settings); rows that carry a ``paper`` block
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfq_bench.results import ADDED_DEFAULTS, LastOk, fields, row_problem
+from dfq_bench.results import ADDED_DEFAULTS, ADDED_FIELD_DEFAULTS, LastOk, fields, row_problem
 
 
 def bits_label(wbits, abits) -> str:
@@ -91,11 +91,13 @@ def _failed_order(row: dict) -> tuple:
 
 # --- pooling -----------------------------------------------------------------------------------
 
-# Cells pool runs over seeds by KEY_FIELDS; runs that differ in any other identity field of the row
-# schema (results.py), or in n_eval, are variants of a method, not pooled. METRICS are pooled: the
-# row's VALUE_FIELDS, the delta to FP32 and the stored bits per weight (the first of SIZE_FIELDS a row has).
+# Cells pool runs over seeds by KEY_FIELDS; runs that differ in any other identity field of the row schema
+# (results.py), in n_eval or in device (a row without it ran on the CPU) are variants of a method, not pooled.
+# METRICS are pooled: the row's VALUE_FIELDS, the delta to FP32 and the stored bits per weight (the first of
+# SIZE_FIELDS a row has).
 KEY_FIELDS = ("model", "dataset", "method", "wbits", "abits", "seed")
-SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval")
+SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval", "device")
+_SIG_DEFAULTS = tuple(ADDED_FIELD_DEFAULTS.get(f) for f in SIG_FIELDS)  # what a row without the field had
 VALUE_FIELDS = ("top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "t_quant_s", "t_synth_s", "t_total_s")
 SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")
 METRICS = (*VALUE_FIELDS, "delta_top1", "size")
@@ -110,8 +112,9 @@ def _settings(rows: list[dict]) -> tuple[list[int], list[tuple]]:
     the first few of its method, and made hashable (``_frozen``) only where none is equal."""
     codes, index, distinct, seen = [], {}, [], {}
     for r in rows:
-        sig, method = tuple(map(r.get, SIG_FIELDS)), (str(r["model"]), str(r["dataset"]), str(r["method"]))
-        known = seen.setdefault(method, [])  # rows from an older schema lack some SIG_FIELDS: None
+        sig = tuple(map(r.get, SIG_FIELDS, _SIG_DEFAULTS))  # rows of an older schema: None, or the field's default
+        method = (str(r["model"]), str(r["dataset"]), str(r["method"]))
+        known = seen.setdefault(method, [])
         for s, c in known:
             if s == sig:
                 code = c
