@@ -37,6 +37,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "method method_version method_cfg": "the plugin, its numerics version, its keys",
         "model weights dataset": "what was evaluated; `weights` is the weights' identity",
         "wbits abits seed protocol data": "the choices; `data` is the calibration generator config",
+        # added after the rows of results/ were made: they lack it and ran on the CPU (ADDED_FIELD_DEFAULTS)
+        "device": "the run's `device=` (`cpu`, `cuda`, `cuda:N`); `device_name` names that processor or GPU",
         "mp": "the mixed-precision keys that decide the plan (`mp.*`: allocator, budget, bits; core/mixed.py); "
         "null: the protocol's bits",
     },
@@ -54,8 +56,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     "provenance": {
         "git_sha git_dirty versions device_name started_at run_dir": (
             "where and with what it ran (`git_dirty`: tracked changes outside the run's own results directory)"),
-        # added after the rows of results/ were made: they lack it (all ran on the CPU; `device_name` says which)
-        "device": "the run's `device=` (`cpu`, `cuda`, `cuda:N`); `device_name` names that processor or GPU",
         "data_info eval_cache": "where calibration data and FP32 logits came from (cache hit or miss)",
         # added with issue 17: rows made before it lack it (results.report and row_command accept that)
         "command": "the command line that reproduces the row from the repository root (run/command.py)",

@@ -96,7 +96,7 @@ def _failed_order(row: dict) -> tuple:
 # METRICS are pooled: the row's VALUE_FIELDS, the delta to FP32 and the stored bits per weight (the first of
 # SIZE_FIELDS a row has).
 KEY_FIELDS = ("model", "dataset", "method", "wbits", "abits", "seed")
-SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval", "device")
+SIG_FIELDS = (*(f for f in fields("identity") if f not in KEY_FIELDS and f != "run_id"), "n_eval")
 _SIG_DEFAULTS = tuple(ADDED_FIELD_DEFAULTS.get(f) for f in SIG_FIELDS)  # what a row without the field had
 VALUE_FIELDS = ("top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "t_quant_s", "t_synth_s", "t_total_s")
 SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")

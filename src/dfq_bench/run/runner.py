@@ -184,7 +184,6 @@ def provenance(cfg: DictConfig) -> dict:
         "git_sha": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "versions": _versions(),
-        "device": str(cfg.device),
         "device_name": device_name(cfg.device),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -229,7 +228,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         "run_id": run_id(cfg), "status": "failed",
         "method": cfg.method.name, "method_version": method_cls.version,
         "model": model_label(cfg), "dataset": cfg.dataset.name,
-        "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed, "mp": mp_identity(cfg),
+        "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed, "mp": mp_identity(cfg), "device": str(cfg.device),
         "protocol": OmegaConf.to_container(cfg.protocol, enum_to_str=True),
         "method_cfg": OmegaConf.to_container(method_cfg, enum_to_str=True),
         "t_synth_s": 0.0, **provenance(cfg),
