@@ -19,9 +19,11 @@ an exact sub-problem), its levels are checked against SQuant's on those channels
 extrapolated linearly in the number of weights (printed as such).
 
 ``--device cuda``: the weights live on the GPU and each pass ends with ``torch.cuda.synchronize()``
-(the CPU time column is then the host's); the thread count sets the host's threads only; the loop
-reference runs on CPU copies of the same channels; memory is the peak of torch's CUDA allocator during
-one pass, less what it held before (``torch.cuda.max_memory_allocated``), in this process.
+(the CPU time column is then the host's); the thread count sets the host's threads only. RTN rounds on the
+GPU; SQuant's flips run on the CPU whatever the device (methods/squant.py), so its time includes the copies
+there and back. The loop reference runs on CPU copies of the same channels; memory is the peak of torch's
+CUDA allocator during one pass, less what it held before (``torch.cuda.max_memory_allocated``), in this
+process: with the flips on the CPU, that is the grid's tensors and the levels copied back.
 
 Memory (CPU): in a fresh subprocess, after building the model, ``gc`` and ``malloc_trim``, the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs`` = 5); one pass runs; extra = VmHWM - VmRSS
