@@ -17,6 +17,7 @@ from dfq_bench.results import (
     LastOk,
     atomic_write,
     fields,
+    parse_lines,
     read_rows,
     report,
     row_problem,
@@ -148,3 +149,24 @@ def test_row_problem_accepts_exactly_the_usable_rows_and_says_why_for_the_others
         assert row_problem(dict(no_top1, dataset_info={"n_labelled": n_labelled})) == "an ok row without top1"
     assert row_problem(no_top1) == "an ok row without top1"
     assert row_problem(dict(no_top1, dataset_info={"n_labelled": 0})) is None  # no view labelled: no top-1
+
+
+LINES = ['{"a": 1}', '  {"a": [1, 2.5, null]}\t\r', '{"a": 1} {"b": 2}', '{"a": 1}x', '[1, 2]', '"s"', 'NaN',
+         '{"a": "\x01"}', '{"a": 1', '{"a": 1}}', 'nul', '{"a": 1}\x0b', '\u00a0{"a": 1}', '{"k": "é\\u00e9"}', '1e999',
+         '{"a": 1}   ', '{"a":1,}', "{'a': 1}", '-', '{"a": {"b": {"c": [[]]}}}', '{"a": 1, "a": 2}']
+
+
+def test_parse_lines_agrees_with_json_loads():
+    """parse_lines calls the C scanner itself: each line gets the value json.loads gives it, or the error
+    json.loads raises for it, in its words (an independent reference: json.loads line by line)."""
+    want_values, want_errors = [], []
+    for i, line in enumerate(LINES, 1):
+        try:
+            want_values.append(json.loads(line))
+        except ValueError as e:
+            want_errors.append(f"f:{i}: corrupt row skipped ({e.msg})")
+    for lines in (LINES, [s.encode() for s in LINES]):
+        errors = []
+        got = list(parse_lines(lines, "f", errors))
+        assert json.dumps(got) == json.dumps(want_values) and errors == want_errors
+    assert len(want_errors) == 11  # the cases above cover both paths

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -572,7 +573,10 @@ def report(paths: list[str | Path], out_dir: str | Path, make_plots: bool = True
             gc.enable()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exit_now: bool = False) -> int:
+    """The command line; ``exit_now`` (``python -m dfq_bench.report``): end the process at once when done,
+    flushed but without freeing the rows one by one (a fifth of the tables' time at 100,000 rows), unless
+    wandb, whose end runs at exit, was used."""
     ap = argparse.ArgumentParser(prog="python -m dfq_bench.report", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="*", help="runs.jsonl files (later files win for repeated run_ids)")
     ap.add_argument("--out", help="output directory for tables, plots and the HTML page")
@@ -619,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         from dfq_bench.results.html import write_index
 
         print(f"-> {write_index(args.index)}")
+    if exit_now and not args.wandb:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
