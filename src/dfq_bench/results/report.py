@@ -104,18 +104,21 @@ VALUE_FIELDS = ("top1", "top5", "top1_fp32", "agree_fp32", "kl_fp32", "t_quant_s
 SIZE_FIELDS = ("eff_wbits", "rex_eff_wbits")
 METRICS = (*VALUE_FIELDS, "delta_top1", "size")
 CELL_KEYS = ["model", "dataset", "method", "variant", "wbits", "abits"]
+RUN_FIELDS = ("wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS, "paper", "dataset_info")  # columns of runs
+COLUMNS = ("model", "dataset", "method", *SIG_FIELDS, *RUN_FIELDS)  # what aggregate reads of a row, in one pass
+_DEFAULTS = (None, None, None, *_SIG_DEFAULTS, *[None] * len(RUN_FIELDS))
 _SHORT = {"method_version": "v", "method_cfg": "method"}  # facet names in variant labels
 _BLOCKS = ("method_cfg", "protocol", "data")  # config blocks: a facet per key, and the preset name
 
 
-def _settings(rows: list[dict]) -> tuple[list[int], list[tuple]]:
-    """A code per row for its (model, dataset, method, SIG_FIELDS values), and those distinct values by code.
-    The values hold dicts (unhashable), and a sweep has few distinct ones per method: a row is compared with
-    the first few of its method, and made hashable (``_frozen``) only where none is equal."""
-    codes, index, distinct, seen = [], {}, [], {}
-    for r in rows:
-        sig = tuple(map(r.get, SIG_FIELDS, _SIG_DEFAULTS))  # rows of an older schema: None, or the field's default
-        method = (str(r["model"]), str(r["dataset"]), str(r["method"]))
+def _settings(table: list[tuple]) -> tuple[list[int], list[tuple]]:
+    """A code per row of ``table`` (lines of ``COLUMNS``) for its (model, dataset, method, SIG_FIELDS values), and
+    those distinct values by code. The values hold dicts (unhashable), and a sweep has few distinct ones per
+    method: a row is compared with the first few of its method, and made hashable (``_frozen``) only where none is
+    equal."""
+    codes, index, distinct, seen, n = [], {}, [], {}, 3 + len(SIG_FIELDS)
+    for t in table:
+        sig, method = t[3:n], tuple(map(str, t[:3]))
         known = seen.setdefault(method, [])
         for s, c in known:
             if s == sig:
@@ -185,11 +188,12 @@ def aggregate(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     ``paper_top1``, ``paper_fp32``, ``paper_source``), sorted by model, dataset, variant and bit setting; and
     the warnings. The mean is over the runs that have a value, an exactly rounded sum (math.fsum: pandas' is
     not quite, and the page shows means in full); the sample std needs two."""
-    codes, distinct = _settings(rows)
-    runs = {f: [r.get(f) for r in rows] for f in ("wbits", "abits", "seed", *VALUE_FIELDS, *SIZE_FIELDS, "paper",
-                                                  "n_eval", "dataset_info")}  # columns: a third of the time of
-    for f in (*VALUE_FIELDS, *SIZE_FIELDS):  # a DataFrame of the row dicts; null (None) is NaN
-        runs[f] = np.array(runs[f] if f in NUMBERS else [_number(v) for v in runs[f]], dtype=float)
+    table = [tuple(map(r.get, COLUMNS, _DEFAULTS)) for r in rows]  # one pass: a row's fields are near each other
+    codes, distinct = _settings(table)
+    columns = dict(zip(COLUMNS, zip(*table, strict=True) if table else [()] * len(COLUMNS), strict=True))
+    runs = {f: columns[f] for f in (*RUN_FIELDS, "n_eval")}
+    for f in (*VALUE_FIELDS, *SIZE_FIELDS):  # columns: a third of the time of a DataFrame of the row dicts
+        runs[f] = np.array(runs[f] if f in NUMBERS else [_number(v) for v in runs[f]], dtype=float)  # null: NaN
     runs = pd.DataFrame(runs).assign(code=codes, row=pd.Series(rows, dtype=object))
     runs = runs.assign(delta_top1=runs.top1 - runs.top1_fp32, size=runs.eff_wbits.fillna(runs.rex_eff_wbits))
     labelled = [i.get("n_labelled") if type(i) is dict else None for i in runs.dataset_info]  # views with a label
