@@ -3,8 +3,9 @@
 
     python scripts/bench_report.py [--rows 100000] [--repeats 3] [--tables-only]
 
-Writes a runs.jsonl of ``--rows`` rows (5 methods x 9 bit-widths x 3 models x as many seeds as it
-takes; 1% failed rows, 1% reruns of earlier run_ids, one corrupt line), then runs
+Writes a runs.jsonl of ``--rows`` rows with every field of the row schema, valued as the runner's (about 2.2 kB
+a row; 5 methods x 9 bit-widths x 3 models x as many seeds as it takes; 1% failed rows, 1% reruns of
+earlier run_ids, one corrupt line), then runs
 ``python -m dfq_bench.report`` on it in a subprocess (so interpreter start and imports count, as for a
 user): tables only, tables + plots, the HTML page alone (without plots) and everything (the default:
 tables, plots and the page), and prints the median wall and CPU time of ``--repeats`` runs each, then the
@@ -31,9 +32,10 @@ BITS = [(2, None), (3, None), (4, None), (6, None), (8, None), (4, 4), (4, 8), (
 T_QUANT = {"rtn": 0.02, "squant": 0.1, "dfq": 0.05, "zeroq": 30.0, "genie": 3000.0}
 MODELS = ("resnet20_fmnist", "mobilenetv2_fmnist", "vgg_fmnist")
 TARGET_S, TARGET_ROWS = 3.0, 100_000  # issue 17: the tables of 100,000 rows in <= 3 s
-PROTOCOL = {"a_granularity": "per_tensor", "a_symmetric": False, "act_range": None, "first_wbits": 8,
-            "fold_bn": True, "last_abits": 8, "last_wbits": 8, "name": "common", "percentile": 99.99,
-            "quantize_first_input": False, "w_granularity": "per_channel", "w_symmetric": False}
+PROTOCOL = {"a_granularity": "per_tensor", "a_placement": "layer_input", "a_symmetric": False, "act_range": None,
+            "first_wbits": 8, "fold_bn": True, "last_abits": 8, "last_wbits": 8, "name": "common", "percentile": 99.99,
+            "quantize_first_input": False, "w_granularity": "per_channel", "w_range": "include_zero",
+            "w_symmetric": False}
 
 
 def synthetic_row(i: int, rng: random.Random) -> dict:
@@ -50,17 +52,28 @@ def synthetic_row(i: int, rng: random.Random) -> dict:
         "method": method, "method_version": "1", "model": model, "dataset": "fashion_mnist",
         "wbits": wbits, "abits": abits, "seed": seed, "protocol": PROTOCOL, "method_cfg": {"name": method},
         "data": {"name": "noise", "num_samples": 256, "batch_size": 256, "dist": "uniform"} if abits else None,
-        "weights": f"sha256:{MODELS.index(model):064x}", "dataset_info": {"limit": None},
+        "weights": f"zoo:{model} sha256:{MODELS.index(model):064x}", "device": "cpu", "mp": None,
+        "dataset_info": {"calib_split": "train", "limit": None, "n_total": 10000, "preprocess": {"mean": [0.286],
+                         "std": [0.353]}, "root": "/usr/share/datasets/fashion-mnist", "source": "system",
+                         "split": "test", "subset": "evenly_spaced"}, "data_info": None,
+        "command": f"python -m dfq_bench model={model} dataset=fashion_mnist method={method} protocol=common "
+                   f"data=noise logger=none wbits={wbits} abits={'null' if abits is None else abits} seed={seed} "
+                   "results_dir=results/bench",
         "top1": None if failed else top1, "top5": None if failed else min(100.0, top1 + 5),
         "top1_fp32": None if failed else fp32, "top5_fp32": None if failed else 99.5,
         "delta_top1": None if failed else top1 - fp32, "agree_fp32": None if failed else 95.0,
         "kl_fp32": None if failed else 0.01, "n_eval": 10000, "t_synth_s": 0.01,
         "t_quant_s": T_QUANT[method] * rng.uniform(0.8, 1.25),
         "t_eval_s": 2.0, "t_eval_fp32_s": 1.5, "t_total_s": 5.0, "peak_rss_mb": 700.0,
-        "git_sha": "0" * 40, "git_dirty": False, "versions": {"python": "3.11.7", "torch": "2.14.1"},
+        "git_sha": "0" * 40, "git_dirty": False, "versions": {
+            "dfq_bench": "0.1.0", "hydra-core": "1.3.8", "numpy": "2.4.6", "omegaconf": "2.3.1", "python": "3.11.7",
+            "timm": "1.0.31", "torch": "2.14.1", "torchvision": "0.29.1"},
         "device_name": "Intel(R) Xeon(R) Processor", "started_at": "2026-01-01T00:00:00+00:00",
         "run_dir": f"/tmp/multirun/{i}", "eval_cache": "hit", "n_layers": 20, "n_bn_folded": 19,
-        "act_range": "minmax" if abits else None,
+        "act_range": "minmax" if abits else None, "n_act_quant": 21 if abits else 0, "n_act_bn_rule": 0,
+        "eff_wbits": wbits + 0.0116, "bn_fold_rule": "graph", "n_norm_act_split": 0, "n_bn_unfolded": 0,
+        "mp_bits": None, "avg_wbits": None, "size_mb": None, "mp_budget": None, "mp_objective": None,
+        "mp_sensitivity": None, "t_sensitivity_s": None, "t_plan_s": None,
     }
 
 

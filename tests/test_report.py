@@ -3,6 +3,7 @@ byte-for-byte determinism, the committed reference tables, and wandb (offline)."
 
 import csv
 import json
+import random
 import re
 import statistics
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from dfq_bench.results import append_row, report
+from dfq_bench.results import SCHEMA, append_row, report, row_problem
 
 COMMON = {"name": "common", "fold_bn": True, "first_wbits": 8}
 PAPER_PROTO = {"name": "squant_paper", "fold_bn": False, "first_wbits": None}
@@ -269,6 +270,18 @@ def test_variant_labels_keep_only_the_facets_a_preset_name_does_not_give(tmp_pat
         "rtn protocol=common protocol.a_placement=layer_input": "50.0000",
         "rtn protocol=squant_paper protocol.a_placement=after_relu": "51.0000",
         "rtn protocol=squant_paper protocol.a_placement=layer_input": "52.0000"}
+
+
+def test_bench_report_rows_have_every_field_of_the_row_schema_and_no_other():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    rows = [bench_report.synthetic_row(i, random.Random(i)) for i in range(50)]
+    schema = {name for group in SCHEMA.values() for names in group for name in names.split()}
+    assert all(set(r) == schema for r in rows)
+    assert all(row_problem(r) is None for r in rows if r["status"] == "ok")
 
 
 def test_bench_report_prints_the_tables_time_against_the_3_s_target():
