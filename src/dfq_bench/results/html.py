@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfq_bench.results import atomic_write
+from dfq_bench.results import atomic_write, plots
 from dfq_bench.results import report as rp
 
 PAGE = "index.html"
@@ -236,7 +236,7 @@ def _runs(rows: list[dict], anchor: str, what: str, commands: Commands) -> str:
 
 
 def _section_id(model: str, dataset: str) -> str:
-    return f"{rp.slug(model)}__{rp.slug(dataset)}"
+    return f"{plots.slug(model)}__{plots.slug(dataset)}"
 
 
 def _pivot_table(sec: pd.DataFrame, sid: str) -> str:
@@ -335,7 +335,7 @@ PLOT_CAPTIONS = {
 def _plots(cells: pd.DataFrame) -> dict[str, list[str]]:
     """section id -> its figures as inline SVG, in the reporter's order."""
     out: dict[str, list[str]] = {}
-    for i, (stem, fig) in enumerate(rp.figures(cells)):
+    for i, (stem, fig) in enumerate(plots.figures(cells)):
         kind, sid = stem.split("__", 1)
         out.setdefault(sid, []).append(f'<figure id="fig-{_e(stem)}">{svg_text(fig, f"f{i}")}'
                                        f"<figcaption>{_e(PLOT_CAPTIONS.get(kind, kind))}</figcaption></figure>\n")
