@@ -34,11 +34,15 @@ mode (the reference initialises on its first 32-image batch in training mode); t
 shared quantizer between a residual input and its conv is not reproduced; all randomness (batches,
 QDrop masks) comes from generators seeded by the run seed. Cost: the ``paper`` preset (20,000 steps
 per block) takes hours on a GPU for ResNet-18; ``genie_cpu`` is a small CPU preset, named in the row.
+With ``checkpoint_dir`` set, the finished blocks are saved after each one and a rerun of a stopped run
+continues after the last of them (train/checkpoint.py), with the same result: each block's batches and
+masks come from generators seeded by (seed, block index).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +57,7 @@ from dfq_bench.core.method import Method, QuantState, copy_frozen
 from dfq_bench.core.modules import QuantLayer, _set_submodule, quant_layers
 from dfq_bench.core.planner import LayerPlan
 from dfq_bench.train.blocks import capture, finalize_block, find_blocks, reconstruct_block
+from dfq_bench.train.checkpoint import Checkpoint, tensor_digest
 
 log = logging.getLogger(__name__)
 BLOCK_TYPES = ["BasicBlock", "Bottleneck", "ResBottleneckBlock", "InvertedResidual", "DwsConvBlock", "ConvBlock"]
@@ -138,12 +143,25 @@ class Genie(Method):
         state.info["act_range"] = "lsq" if state.ctx.abits is not None else None
 
     def train(self, state: QuantState) -> None:
-        """Block reconstruction, block by block in execution order, then hard rounding."""
+        """Block reconstruction, block by block in execution order, then hard rounding; with ``ctx.checkpoint``,
+        the finished blocks are saved after each one and a saved run continues after its last."""
         cfg, ctx, teacher, qmodel = self.cfg, state.ctx, state.teacher, state.model
         x = torch.cat(list(state.batches())).to(ctx.example_input.device)
         blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in state.plans])
-        report = []
+        names = [name for name, _ in blocks]
+        ckpt = Checkpoint(ctx.checkpoint, {"method": self.name, "blocks": names, "data": tensor_digest(x)})
+        saved, done, report, t_before = ckpt.load(x.device), 0, [], 0.0
+        if saved is not None:  # a stopped run of this run_id: its finished blocks, as they were
+            for name, module in saved["modules"].items():
+                _set_submodule(qmodel, name, module)
+            done, report, t_before = saved["done"], saved["report"], saved["t_s"]
+            blocks = [(name, qmodel.get_submodule(name)) for name in names]
+            state.info["resumed"] = {"units_done": done, "n_units": len(names), "t_before_s": t_before}
+            log.info("genie: resuming after block %d of %d (%s)", done, len(names), ckpt.path)
+        t0 = time.perf_counter()
         for i, (name, block) in enumerate(ctx.progress(blocks, desc="genie blocks")):
+            if i < done:
+                continue
             x_fp, y = capture(teacher, teacher.get_submodule(name), x, 256, output=True)
             x_q, _ = capture(qmodel, block, x, 256, output=False)
             losses = reconstruct_block(block, x_fp, x_q, y, cfg, ctx.seed + i)
@@ -151,6 +169,8 @@ class Genie(Method):
             report.append({"block": name, "n_layers": sum(isinstance(m, QuantLayer) for m in block.modules()),
                            **losses})
             log.info("genie block %s: loss %.4g -> %.4g", name, losses["loss_init"], losses["loss_final"])
+            ckpt.save(modules={n: qmodel.get_submodule(n) for n in names[: i + 1]}, done=i + 1, report=report,
+                      t_s=t_before + time.perf_counter() - t0)
         state.info["n_blocks"] = len(blocks)
         state.info["recon_blocks"] = report
         state.info["n_act_quant"] = sum(ql.act_quant is not None for ql in quant_layers(qmodel).values())

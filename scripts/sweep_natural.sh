@@ -10,6 +10,7 @@
 set -euo pipefail
 R=${R:-results/natural_images}
 E=${E:-$HOME/.cache/dfq_bench/eval}   # FP32 logits cache (not part of the run_id)
+K=${K:-$HOME/.cache/dfq_bench/checkpoints}  # GENIE-M's finished blocks: a stopped run resumes (not in the run_id)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 for phase in ${P:-1 2 3}; do
   for M in ${MODELS:-efficientnet_lite0 efficientnet_lite1 efficientnet_lite2}; do
@@ -20,7 +21,7 @@ for phase in ${P:-1 2 3}; do
         2) python -m dfq_bench -m method=dfq method.relu6_scope=all,safe "${C[@]}" $B ;;
         3) python -m dfq_bench -m method=squant method.mode=squant-k,squant-c,squant-e "${C[@]}" $B ;;
         4) python -m dfq_bench -m method=zeroq data=zeroq_cpu "${C[@]}" $B
-           python -m dfq_bench -m method=genie_cpu "${C[@]}" $B ;;
+           python -m dfq_bench -m method=genie_cpu "${C[@]}" checkpoint_dir=$K $B ;;
       esac
     done
   done

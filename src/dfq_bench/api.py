@@ -79,7 +79,7 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
              example_input: Tensor, calib: list[Tensor] | None = None, protocol: str | Any = "common",
              protocol_keys: dict | None = None, seed: int = 0, device: str | None = None,
              progress: Callable | None = None, planner: Any = None, eval_data: Iterable | None = None,
-             **method_keys) -> tuple[nn.Module, dict]:
+             checkpoint: str | None = None, **method_keys) -> tuple[nn.Module, dict]:
     """Quantizes ``model`` (left untouched) and returns (the fake-quantized copy, info for a row).
 
     Args:
@@ -91,6 +91,8 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
             protocol's first/last-layer rules.
         eval_data: (images, labels) batches for a method that monitors accuracy while it trains
             (``needs_eval``: gdfq's per-epoch curve); it never selects the returned model.
+        checkpoint: a file where a long training stage saves its progress after each finished unit, and
+            from which a rerun continues (GENIE-M's blocks; train/checkpoint.py); None: off.
     Raises:
         UnsupportedError: the method cannot run on this model (e.g. it needs the layer graph and
             the model cannot be traced), before any work.
@@ -99,7 +101,8 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
     proto = protocol_config(protocol, **(protocol_keys or {}))
     dev = device or str(example_input.device)
     ctx = QuantContext(wbits, abits, proto, seed, dev, example_input, calib=calib,
-                       progress=progress or (lambda it, **kw: it), planner=planner, eval_data=eval_data)
+                       progress=progress or (lambda it, **kw: it), planner=planner, eval_data=eval_data,
+                       checkpoint=None if checkpoint is None else str(checkpoint))
     if m.wants_data(ctx) and not calib:
         raise ValueError(f"method {m.name} needs calibration batches here; pass calib=dfq_bench.make_calib(...)")
     qmodel = m.quantize(model, ctx)  # refuses first (UnsupportedError) if the model does not fit

@@ -146,6 +146,7 @@ class Config:
     progress: bool | None = None  # null = on when stderr is a TTY
     skip_done: bool = True  # skip a run whose run_id already has an ok row in results_dir
     eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see run/evalcache.py
+    checkpoint_dir: str | None = None  # long stages save progress here and a rerun resumes (train/checkpoint.py)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
     deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy/); null = off
@@ -450,7 +451,7 @@ def plugin_config(plugin: Any, node: DictConfig, group: str) -> DictConfig:
 def identity_config(cfg: DictConfig) -> dict:
     """The part of the resolved config that identifies a result (hashed into run_id)."""
     d = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "logger"):
+    for key in ("results_dir", "progress", "hydra", "skip_done", "eval_cache", "checkpoint_dir", "logger"):
         d.pop(key, None)
     for key, default in ADDED_DEFAULTS["protocol"].items():
         if d.get("protocol", {}).get(key) == default:  # every run before the key existed

@@ -12,14 +12,14 @@ A command is ``python -m dfq_bench`` and, in this order:
 
 It is meant to be run from the repository root of a clone. Left out: ``hydra.*`` (run dirs, the sweeper: a
 multirun job's command is a single run) and ``progress`` (a progress bar; nothing in the row). Kept when not
-the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, ``skip_done`` and the ``logger``
-keys, since they decide where the row goes, whether the run happens and what it mirrors; and ``device``, which
-the run_id hashes (the row's ``device``; rows made before that field lack it and ran on the CPU).
-Paths: ``results_dir``, ``eval_cache``, ``data.cache_dir``, ``mp.cache_dir`` and a local ``model.weights``
-file (identified by its content, not its path) are written relative to the repository root when inside it
-(``model.weights`` and ``eval_cache``, which are read with expanduser: ``~/...`` under the home directory, so
-a committed row holds no absolute path of the machine); ``dataset.root`` is written as given, because the
-run_id hashes its text.
+the default, although the run_id ignores them: ``results_dir``, ``eval_cache``, ``checkpoint_dir``, ``skip_done``
+and the ``logger`` keys, since they decide where the row goes, whether the run happens and what it mirrors; and
+``device``, which the run_id hashes (the row's ``device``; rows made before that field lack it and ran on the CPU).
+Paths: ``results_dir``, ``eval_cache``, ``checkpoint_dir``, ``data.cache_dir``, ``mp.cache_dir`` and a local
+``model.weights`` file (identified by its content, not its path) are written relative to the repository root when
+inside it (``model.weights``, ``eval_cache`` and ``checkpoint_dir``, which are read with expanduser: ``~/...``
+under the home directory, so a committed row holds no absolute path of the machine); ``dataset.root`` is written
+as given, because the run_id hashes its text.
 Values are written in Hydra's override grammar (quoted where it needs it), then shell-quoted (``shlex``).
 
 "Reproduces" means: running the command gives a row with the same run_id, the same identity fields and the
@@ -52,8 +52,8 @@ PROGRAM = "python -m dfq_bench"
 CHOICE_GROUPS = ("model", "dataset", "method", "protocol", "data", "logger")  # always written, in this order
 ALWAYS = ("wbits", "abits", "seed")
 LEFT_OUT = ("hydra", "progress")
-PATH_KEYS = ("results_dir", "eval_cache", "model.weights", "data.cache_dir", "mp.cache_dir")  # written
-# repo-relative; none changes the run_id (a local weights file is hashed by its content, the caches not at all)
+# Written repo-relative; none changes the run_id (a local weights file is hashed by its content, caches not at all).
+PATH_KEYS = ("results_dir", "eval_cache", "checkpoint_dir", "model.weights", "data.cache_dir", "mp.cache_dir")
 _SIMPLE = re.compile(r"[\w./@:+-]+")
 
 
@@ -251,7 +251,7 @@ def _path(key: str, value: Any) -> Any:
     resolved = path.resolve()
     if resolved.is_relative_to(REPO):
         return str(resolved.relative_to(REPO)) if resolved != REPO else "."
-    if key in ("model.weights", "eval_cache"):  # read with expanduser: ~/... under the home directory
+    if key in ("model.weights", "eval_cache", "checkpoint_dir"):  # read with expanduser: ~/... under home
         from dfq_bench.run.runner import repo_relative
 
         return repo_relative(resolved)

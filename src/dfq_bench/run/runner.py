@@ -238,6 +238,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
     if cfg.get("paper") is not None:
         row["paper"] = OmegaConf.to_container(cfg.paper, resolve=True)
     t_start = time.perf_counter()
+    checkpoint = (Path(cfg.checkpoint_dir).expanduser() / f"{row['run_id']}.pt") if cfg.get("checkpoint_dir") else None
     try:
         seed_everything(cfg.seed)
         built = build_model(cfg)
@@ -276,10 +277,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         t0 = time.perf_counter()
         qmodel, info = api.quantize(model, method, wbits=cfg.wbits, abits=cfg.abits, example_input=example,
                                     calib=ctx.calib, protocol=cfg.protocol, seed=cfg.seed, device=cfg.device,
-                                    progress=bar, planner=ctx.planner,
+                                    progress=bar, planner=ctx.planner, checkpoint=checkpoint,
                                     eval_data=bundle.loader if getattr(method, "needs_eval", False) else None)
         ctx.info = info
-        row["t_quant_s"] = time.perf_counter() - t0
+        row["t_quant_s"] = time.perf_counter() - t0 + (info.get("resumed") or {}).get("t_before_s", 0.0)
         clash = set(ctx.info) & set(row)
         if clash:
             raise RuntimeError(f"method info would overwrite row fields {sorted(clash)}")
@@ -314,6 +315,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
         _write_row(cfg, results_dir, run_dir, row, t_start)
         raise
     _write_row(cfg, results_dir, run_dir, row, t_start)
+    if checkpoint is not None:  # the row holds the result now (a stopped run resumes from the file)
+        try:
+            checkpoint.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("checkpoint %s cannot be removed (%s)", checkpoint, e)
     return row
 
 
