@@ -35,7 +35,7 @@ shared quantizer between a residual input and its conv is not reproduced; all ra
 QDrop masks) comes from generators seeded by the run seed. Cost: the ``paper`` preset (20,000 steps
 per block) takes hours on a GPU for ResNet-18; ``genie_cpu`` is a small CPU preset, named in the row.
 With ``checkpoint_dir`` set, the finished blocks are saved after each one and a rerun of a stopped run
-continues after the last of them (train/checkpoint.py), with the same result: each block's batches and
+continues after the last of them (dfq_bench/checkpoint.py), with the same result: each block's batches and
 masks come from generators seeded by (seed, block index).
 """
 
@@ -50,6 +50,7 @@ from omegaconf import MISSING
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from dfq_bench.checkpoint import Checkpoint, tensor_digest
 from dfq_bench.config import ConfigError
 from dfq_bench.core.grid import Grid
 from dfq_bench.core.learn import LsqActQuant, SoftRoundWeight, weight_grid_lp
@@ -57,7 +58,6 @@ from dfq_bench.core.method import Method, QuantState, copy_frozen
 from dfq_bench.core.modules import QuantLayer, _set_submodule, quant_layers
 from dfq_bench.core.planner import LayerPlan
 from dfq_bench.train.blocks import capture, finalize_block, find_blocks, reconstruct_block
-from dfq_bench.train.checkpoint import Checkpoint, tensor_digest
 
 log = logging.getLogger(__name__)
 BLOCK_TYPES = ["BasicBlock", "Bottleneck", "ResBottleneckBlock", "InvertedResidual", "DwsConvBlock", "ConvBlock"]

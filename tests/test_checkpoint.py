@@ -1,16 +1,19 @@
-"""GENIE-M's progress checkpoints (train/checkpoint.py): a run stopped after some blocks and run again
+"""Progress checkpoints (dfq_bench/checkpoint.py). GENIE-M: a run stopped after some blocks and run again
 gives the uninterrupted model bit for bit; a checkpoint that is unreadable, made for other data or cannot
 be written never fails a run; through the runner, the row says what was resumed, its t_quant_s counts the
-earlier part, its run_id and metrics are the uninterrupted run's, and the file is gone once the row is written."""
+earlier part, its run_id and metrics are the uninterrupted run's, and the file is gone once the row is written.
+BN-statistics data (zeroq, genie): a generation stopped after some batches continues to the same data."""
 
 import logging
 
 import pytest
 import torch
 from helpers import compose_cfg, rows_in
-from test_synth import tiny_resnet
+from test_synth import SIZE, gen_cfg, tiny_resnet
 
 import dfq_bench
+from dfq_bench.calib.bnstats import BNStatsData
+from dfq_bench.models.test_cnn import make_test_cnn
 from dfq_bench.run.runner import run
 
 STEPS = 12
@@ -128,3 +131,34 @@ def test_runner_resumes_a_stopped_run_and_removes_the_checkpoint_after_the_row(t
         assert row[key] == plain[key], key
     assert f"checkpoint_dir={ck}" in row["command"] and "resumed" not in plain
     assert list(ck.iterdir()) == []  # the row holds the result: the checkpoint is removed
+
+
+@pytest.mark.parametrize("name,keys", [("zeroq", dict(steps=3)), ("genie", dict(steps=3, gen_channels=16))])
+def test_a_stopped_data_generation_continues_at_its_next_batch_to_the_same_data(tmp_path, monkeypatch, name, keys):
+    model = make_test_cnn(0)
+    gen, plain = gen_cfg(name, num_samples=12, batch_size=4, **keys)  # 3 batches, cache off
+    reference = gen.generate(plain, model, SIZE, 0, "cpu")
+    _, cfg = gen_cfg(name, num_samples=12, batch_size=4, cache=True, cache_dir=str(tmp_path), **keys)
+    real, calls = gen.distill_batch, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(gen, "distill_batch", staticmethod(stop_at_third))
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate(cfg, model, SIZE, 0, "cpu")
+    synth = tmp_path / "synth"
+    (partial,) = synth.glob(f"{name}-*.partial.pt")
+    assert not list(synth.glob(".*tmp")) and len(list(synth.glob("*.pt"))) == 1  # no entry yet
+    batches = gen.generate(cfg, model, SIZE, 0, "cpu")
+    assert batches.info["cache"] == "miss" and batches.info["resumed"]["batches_done"] == 2
+    assert batches.info["t_generate_s"] > batches.info["resumed"]["t_before_s"] > 0
+    assert len(batches) == 3 and all(torch.equal(a, b) for a, b in zip(batches, reference, strict=True))
+    assert (batches.info["loss_start"], batches.info["loss_end"]) == (reference.info["loss_start"],
+                                                                      reference.info["loss_end"])
+    assert not partial.exists() and gen.generate(cfg, model, SIZE, 0, "cpu").info["cache"] == "hit"
+    assert issubclass(gen, BNStatsData)

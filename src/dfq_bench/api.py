@@ -92,7 +92,7 @@ def quantize(model: nn.Module, method: str | Any = "rtn", *, wbits: int = 4, abi
         eval_data: (images, labels) batches for a method that monitors accuracy while it trains
             (``needs_eval``: gdfq's per-epoch curve); it never selects the returned model.
         checkpoint: a file where a long training stage saves its progress after each finished unit, and
-            from which a rerun continues (GENIE-M's blocks; train/checkpoint.py); None: off.
+            from which a rerun continues (GENIE-M's blocks; dfq_bench/checkpoint.py); None: off.
     Raises:
         UnsupportedError: the method cannot run on this model (e.g. it needs the layer graph and
             the model cannot be traced), before any work.

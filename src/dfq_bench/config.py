@@ -146,7 +146,7 @@ class Config:
     progress: bool | None = None  # null = on when stderr is a TTY
     skip_done: bool = True  # skip a run whose run_id already has an ok row in results_dir
     eval_cache: str | None = None  # directory of cached FP32 logits (null = off); see run/evalcache.py
-    checkpoint_dir: str | None = None  # long stages save progress here and a rerun resumes (train/checkpoint.py)
+    checkpoint_dir: str | None = None  # long stages save progress here and a rerun resumes (dfq_bench/checkpoint.py)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paper: Any = None  # published numbers carried by an experiment= overlay, recorded in the row
     deploy: str | None = None  # onnxruntime: also run the integer model with ORT (deploy/); null = off

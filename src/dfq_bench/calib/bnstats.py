@@ -9,12 +9,14 @@ The teacher is a split copy of the model (``graph.canonical``) in eval mode: the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dfq_bench.calib.cache import cached_generate
+from dfq_bench.checkpoint import Checkpoint
 from dfq_bench.config import UnsupportedError
 from dfq_bench.core.modules import NonFiniteError
 from dfq_bench.graph import BATCHNORM, canonical
@@ -109,10 +111,13 @@ class BNStatsData:
             why = " (batch statistics)" if k > 1 else ""
             raise ValueError(f"data.num_samples and data.batch_size must be >= {k}{why}, data.steps >= 1")
         return cached_generate(cfg, model, input_size, seed, device,
-                               lambda: cls.make(cfg, model, input_size, seed))
+                               lambda progress: cls.make(cfg, model, input_size, seed, progress))
 
     @classmethod
-    def make(cls, cfg, model: nn.Module, input_size, seed: int) -> tuple[list[Tensor], dict]:
+    def make(cls, cfg, model: nn.Module, input_size, seed: int, progress: Checkpoint | None = None
+             ) -> tuple[list[Tensor], dict]:
+        """The batches and the info for the row; with ``progress`` (a partial file, dfq_bench/checkpoint.py), the
+        finished batches are saved after each one, and a saved generation continues at its next batch."""
         model = canonical(model).eval()
         device = next(model.parameters()).device
         bns = cls.bn_layers(model)
@@ -121,17 +126,26 @@ class BNStatsData:
         names = {id(m): n for n, m in model.named_modules()}
         hooks = InputStats(bns, [names[id(m)] for m in bns])
         g = torch.Generator().manual_seed(seed)
-        out = []  # (images, first loss, last loss) per batch
+        progress = progress or Checkpoint(None, {})
+        saved, out, t_before = progress.load(device), [], 0.0  # out: (images, first loss, last loss) per batch
+        if saved is not None:  # every draw comes from g: its state after the saved batches continues them
+            out, t_before, n_saved = list(saved["out"]), saved["t_s"], len(saved["out"])
+            g.set_state(saved["g_state"])
+            log.info("%s: resuming after batch %d (%s)", cls.source, len(out), progress.path)
+        t0 = time.perf_counter()
         try:
             while (done := sum(len(x) for x, _, _ in out)) < cfg.num_samples:
                 n = max(cls.min_batch, min(cfg.batch_size, cfg.num_samples - done))
                 out.append(cls.distill_batch(cfg, model, hooks, n, input_size, g, device))
                 log.info("%s batch %d: loss %.4g -> %.4g", cls.source, len(out), *out[-1][1:])
+                progress.save(out=out, g_state=g.get_state(), t_s=t_before + time.perf_counter() - t0)
         finally:
             hooks.remove()
         batches, firsts, lasts = zip(*out, strict=True)
-        return list(batches), {"loss_start": sum(firsts) / len(firsts), "loss_end": sum(lasts) / len(lasts),
-                               "n_bn_terms": len(bns)}
+        info = {"loss_start": sum(firsts) / len(firsts), "loss_end": sum(lasts) / len(lasts), "n_bn_terms": len(bns)}
+        if saved is not None:
+            info["resumed"] = {"batches_done": n_saved, "t_before_s": t_before}
+        return list(batches), info
 
 
 __all__ = ["BNStatsData", "InputStats", "optimize", "require_bn"]

@@ -11,6 +11,8 @@ made, generator losses), which the runner records as ``data_info``.
 
 Location: ``cfg.cache_dir``, else ``$DFQ_BENCH_CACHE``, else ``~/.cache/dfq_bench``; files go to
 its ``synth/`` subdirectory. ``cache: false`` turns the cache off.
+A generation in progress keeps its finished batches in ``<entry>.partial.pt`` (dfq_bench/checkpoint.py): a
+stopped run's rerun continues at the next batch, with the same data.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from dfq_bench.checkpoint import Checkpoint
 from dfq_bench.results import atomic_write
 from dfq_bench.run.evalcache import weights_sha256
 
@@ -78,12 +81,14 @@ def _load(path: Path, key: str) -> dict | None:
 
 
 def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
-                    make: Callable[[], tuple[list[Tensor], dict]]) -> Batches:
-    """Returns the cached batches for this key, or calls ``make() -> (batches, info)`` and stores
-    them. ``info`` gains ``cache`` ("hit", "miss" or "off") and ``t_generate_s``."""
+                    make: Callable[[Checkpoint], tuple[list[Tensor], dict]]) -> Batches:
+    """Returns the cached batches for this key, or calls ``make(progress) -> (batches, info)`` and stores
+    them. ``progress``: the generation's partial file (``<entry>.partial.pt``, dfq_bench/checkpoint.py; none when
+    the cache is off), removed once the entry is written. ``info`` gains ``cache`` ("hit", "miss" or "off") and
+    ``t_generate_s`` (with ``info["resumed"]["t_before_s"]``, the seconds of the earlier part, where it resumed)."""
     if not cfg.get("cache", True):
         t0 = time.perf_counter()
-        batches, info = make()
+        batches, info = make(Checkpoint(None, {}))
         return Batches(batches, {**info, "cache": "off", "t_generate_s": time.perf_counter() - t0})
     key = cache_key(cfg, model, input_size, seed, device)
     path = cache_dir(cfg) / f"{cfg.name}-{key[:24]}.pt"
@@ -92,8 +97,10 @@ def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
         batches = [b.to(device) for b in entry["batches"]]
         return Batches(batches, {**entry["info"], "cache": "hit", "cache_file": str(path)})
     t0 = time.perf_counter()
-    batches, info = make()
-    info = {**info, "t_generate_s": time.perf_counter() - t0}
+    # the partial file sits beside the entry: an unwritable directory is one warning, the entry's (below)
+    progress = Checkpoint(path.with_suffix(".partial.pt"), {"key": key}, warn_unwritable=False)
+    batches, info = make(progress)
+    info = {**info, "t_generate_s": time.perf_counter() - t0 + info.get("resumed", {}).get("t_before_s", 0.0)}
     entry = {"key": key, "batches": [b.detach().cpu() for b in batches], "info": info}
     try:
         atomic_write(path, lambda tmp: torch.save(entry, tmp))
@@ -101,4 +108,8 @@ def cached_generate(cfg, model: nn.Module, input_size, seed: int, device: str,
         reason = f"{type(e).__name__}: {e}"
         log.warning("cannot write synthetic-data cache %s (%s); the run goes on without it", path, reason)
         return Batches(batches, {**info, "cache": "miss", "cache_error": reason})
+    try:
+        progress.path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove the partial synthetic data %s (%s)", progress.path, e)
     return Batches(batches, {**info, "cache": "miss", "cache_file": str(path)})

@@ -66,7 +66,7 @@ class QuantContext:
     info: dict = field(default_factory=dict)  # method-specific fields for the result row
     planner: Any = None  # a ``core.planner.PLANNERS`` name or a Planner; None: the protocol's rules
     eval_data: Any = None  # (images, labels) batches of the evaluation set, for a method with ``needs_eval``
-    checkpoint: str | None = None  # a file where a long stage saves progress, to resume from (train/checkpoint.py)
+    checkpoint: str | None = None  # a file where a long stage saves progress, to resume from (dfq_bench/checkpoint.py)
 
 
 @dataclass

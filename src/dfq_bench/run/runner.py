@@ -274,6 +274,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool | Non
                                                                              if k != "name"})
             row["t_synth_s"] = time.perf_counter() - t0
             row["data_info"] = getattr(ctx.calib, "info", None)  # e.g. cache hit, generation time
+            if (row["data_info"] or {}).get("cache") == "miss":  # made here: its earlier part too, if resumed
+                row["t_synth_s"] += row["data_info"].get("resumed", {}).get("t_before_s", 0.0)
         t0 = time.perf_counter()
         qmodel, info = api.quantize(model, method, wbits=cfg.wbits, abits=cfg.abits, example_input=example,
                                     calib=ctx.calib, protocol=cfg.protocol, seed=cfg.seed, device=cfg.device,
