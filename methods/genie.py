@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from torch import Tensor
 from torch.nn.utils import parametrize
 
@@ -57,6 +57,7 @@ from dfq_bench.core.learn import LsqActQuant, SoftRoundWeight, weight_grid_lp
 from dfq_bench.core.method import Method, QuantState, copy_frozen
 from dfq_bench.core.modules import QuantLayer, _set_submodule, quant_layers
 from dfq_bench.core.planner import LayerPlan
+from dfq_bench.run.evalcache import weights_sha256
 from dfq_bench.train.blocks import capture, finalize_block, find_blocks, reconstruct_block
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,10 @@ class Genie(Method):
         x = torch.cat(list(state.batches())).to(ctx.example_input.device)
         blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in state.plans])
         names = [name for name, _ in blocks]
-        ckpt = Checkpoint(ctx.checkpoint, {"method": self.name, "blocks": names, "data": tensor_digest(x)})
+        ckpt = Checkpoint(ctx.checkpoint, {  # everything the blocks' results depend on
+            "method": self.name, "config": _plain(self.cfg), "protocol": _plain(ctx.protocol), "seed": ctx.seed,
+            "bits": [(p.name, p.w_bits, p.a_bits) for p in state.plans], "weights": weights_sha256(state.float_model),
+            "blocks": names, "data": tensor_digest(x)})
         saved, done, report, t_before = ckpt.load(x.device), 0, [], 0.0
         if saved is not None:  # a stopped run of this run_id: its finished blocks, as they were
             for name, module in saved["modules"].items():
@@ -175,3 +179,8 @@ class Genie(Method):
         state.info["recon_blocks"] = report
         state.info["n_act_quant"] = sum(ql.act_quant is not None for ql in quant_layers(qmodel).values())
         state.model = qmodel.eval()
+
+
+def _plain(node):
+    """A config node as plain JSON-able values, for the checkpoint's fingerprint."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

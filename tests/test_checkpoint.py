@@ -24,10 +24,10 @@ def calib(seed=1):
     return [torch.randn(32, 3, 8, 8, generator=g) for _ in range(2)]
 
 
-def genie(checkpoint=None, data_seed=1):
+def genie(checkpoint=None, data_seed=1, steps=STEPS, wbits=4):
     model = tiny_resnet()
-    return dfq_bench.quantize(model, "genie", wbits=4, abits=4, example_input=torch.zeros(2, 3, 8, 8),
-                              calib=calib(data_seed), steps=STEPS, init_samples=32, checkpoint=checkpoint)
+    return dfq_bench.quantize(model, "genie", wbits=wbits, abits=4, example_input=torch.zeros(2, 3, 8, 8),
+                              calib=calib(data_seed), steps=steps, init_samples=32, checkpoint=checkpoint)
 
 
 def stop_at_block(monkeypatch, n: int):
@@ -98,6 +98,19 @@ def test_a_checkpoint_for_other_data_or_a_torn_one_is_ignored_with_a_warning(tmp
         qmodel, info = genie(ckpt)
     assert "resumed" not in info and same_model(qmodel, uninterrupted[0])
     assert "cannot be read" in caplog.text
+
+
+@pytest.mark.parametrize("other", [dict(steps=STEPS + 1), dict(wbits=3)])
+def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path, monkeypatch, caplog, uninterrupted, other):
+    ckpt = tmp_path / "run.pt"  # an API caller reusing one path: the fingerprint holds the keys and the bits
+    with monkeypatch.context() as m:
+        stop_at_block(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            genie(ckpt, **other)
+    with caplog.at_level(logging.WARNING):
+        qmodel, info = genie(ckpt)
+    assert "resumed" not in info and same_model(qmodel, uninterrupted[0])
+    assert "made for other units or data" in caplog.text
 
 
 def test_a_checkpoint_that_cannot_be_written_never_fails_the_run(tmp_path, caplog, uninterrupted):

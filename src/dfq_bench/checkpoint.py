@@ -15,8 +15,9 @@ uninterrupted run gives, bit for bit (tests/test_checkpoint.py). Two users:
   {units_done, n_units, t_before_s}`` and its ``t_quant_s`` includes ``t_before_s``; the runner deletes the
   file once the row is written.
 
-Each file holds a fingerprint of what the saved work depends on (GENIE-M: the method, the block names, a digest
-of the calibration data; the data: the cache key) and is used only by a run that has the same. Never fatal: a
+Each file holds a fingerprint of what the saved work depends on (GENIE-M: its keys, the protocol, the seed, every
+layer's bits, digests of the float weights and of the calibration data, the block names; the data: the cache
+key) and is used only by a run that has the same. Never fatal: a
 file is written atomically (``results.atomic_write``); one that cannot be written is one warning and the run
 goes on without checkpoints; one that cannot be read or does not match is one warning and the stage starts from
 its beginning. The files are pickles (``torch.load`` with ``weights_only=False``): this machine's own cache of
