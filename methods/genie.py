@@ -150,10 +150,10 @@ class Genie(Method):
         x = torch.cat(list(state.batches())).to(ctx.example_input.device)
         blocks = find_blocks(qmodel, list(cfg.blocks), [p.name for p in state.plans])
         names = [name for name, _ in blocks]
-        ckpt = Checkpoint(ctx.checkpoint, {  # everything the blocks' results depend on
+        ckpt = Checkpoint(ctx.checkpoint, {  # everything the blocks' results depend on (hashed only when used)
             "method": self.name, "config": _plain(self.cfg), "protocol": _plain(ctx.protocol), "seed": ctx.seed,
             "bits": [(p.name, p.w_bits, p.a_bits) for p in state.plans], "weights": weights_sha256(state.float_model),
-            "blocks": names, "data": tensor_digest(x)})
+            "blocks": names, "data": tensor_digest(x)} if ctx.checkpoint else {})
         saved, done, report, t_before = ckpt.load(x.device), 0, [], 0.0
         if saved is not None:  # a stopped run of this run_id: its finished blocks, as they were
             for name, module in saved["modules"].items():
