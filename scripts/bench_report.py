@@ -5,12 +5,13 @@
 
 Writes a runs.jsonl of ``--rows`` rows with every field of the row schema, valued as the runner's (about 2.2 kB
 a row; 5 methods x 9 bit-widths x 3 models x as many seeds as it takes; 1% failed rows, 1% reruns of
-earlier run_ids, one corrupt line), then runs
-``python -m dfq_bench.report`` on it in a subprocess (so interpreter start and imports count, as for a
-user): tables only, tables + plots, the HTML page alone (without plots) and everything (the default:
-tables, plots and the page), and prints the median wall and CPU time of ``--repeats`` runs each, then the
-tables-only median against the target (``--tables-only``: that one alone). The page lists at most 100 runs
-per cell and rebuilds the commands of at most 300 rows without one (results/html.py).
+earlier run_ids, one corrupt line), then runs the reporter on it in a subprocess (so interpreter start and
+imports count, as for a user): the import alone, the rows read alone (decoded and deduplicated, no table: the
+floor of any output), ``python -m dfq_bench.report`` with tables only, tables + plots, the HTML page alone
+(without plots) and everything (the default: tables, plots and the page), and prints the median wall and CPU
+time of ``--repeats`` runs each, then the tables-only median against the target (``--tables-only``: that one
+alone). The page lists at most 100 runs per cell and rebuilds the commands of at most 300 rows without one
+(results/html.py).
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def main() -> None:
         size_mb = runs.stat().st_size / 1e6
         base = [sys.executable, "-m", "dfq_bench.report", str(runs), "--out", str(Path(tmp) / "out")]
         load_before = os.getloadavg()[0]
+        read_only = ("import os, sys; from dfq_bench.results.report import load; load(sys.argv[1:]); "
+                     "os._exit(0)")  # the rows decoded and deduplicated, no tables: the JSON floor
         timed_runs = {"interpreter + import only": [sys.executable, "-c", "import dfq_bench.results.report"],
+                      "import + read rows only": [sys.executable, "-c", read_only, str(runs)],
                       "tables only": [*base, "--no-plots", "--no-html"], "tables + plots": [*base, "--no-html"],
                       "HTML page only (no plots)": [*base, "--html", "--no-plots"], "all (tables, plots, page)": base}
         if args.tables_only:
